@@ -3,7 +3,7 @@
 Monte Carlo checks allow Z standard errors, the standard error computed from the sample size and
 the true moments: a mean's is s/sqrt(n); a std's is sqrt(mu4 - s^4) / (2 s sqrt(n)), which is
 s/sqrt(2n) for a Gaussian. With Z = 5 a correct implementation fails a single check with
-probability 6e-7, and all of this file's few hundred checks together with under 1e-3; the seeds
+probability 6e-7, and all of this file's ~800 checks together with under 1e-3; the seeds
 are fixed, so a run is reproducible either way.
 """
 import json
