@@ -1,0 +1,265 @@
+"""ddpm_points.py: schedules and posteriors against independent float64 math, samplers driven by the
+exact eps* of 2D Gaussian data, the set model's permutation equivariance, the star generator, and
+short CPU runs of main(). Monte Carlo checks allow Z standard errors computed from the sample size."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_points as d
+
+Z = 5
+T = 200
+
+
+def schedules():
+    return {'cosine': d.cosine_betas(T), 'linear': d.linear_betas(T, 1e-4, 0.02), 'quadratic': d.quadratic_betas(T, 1e-4, 0.02)}
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear', 'quadratic'])
+def test_q_sample_equals_iterated_chain(name):
+    """mean_t = sqrt(1 - beta_t) mean_{t-1}, var_t = (1 - beta_t) var_{t-1} + beta_t from (x0, 0);
+    q_sample is affine in the noise, so its values at noise -1 and +1 give its mean and std."""
+    betas = schedules()[name]
+    abar = torch.cumprod(1 - betas, 0)
+    x0, mean, var = 0.8, 0.8, 0.0
+    for t in range(T):
+        b = betas[t].item()
+        mean, var = math.sqrt(1 - b) * mean, (1 - b) * var + b
+        lo, hi = (d.q_sample(torch.tensor(x0, dtype=torch.float64), abar[t], torch.tensor(z, dtype=torch.float64)).item()
+                  for z in (-1.0, 1.0))
+        assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-10, abs_tol=1e-14)
+        assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize('t', [0, 1, 100, T - 1])
+def test_posterior_equals_joint_gaussian_conditioning(t):
+    betas = d.cosine_betas(T)
+    abar = torch.cumprod(1 - betas, 0)
+    x0, xt = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([1.1, 0.4], dtype=torch.float64)
+    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, abar)
+    ap = abar[t - 1].item() if t > 0 else 1.0
+    cov = math.sqrt(1 - betas[t].item()) * (1 - ap)  # Cov(x_{t-1}, x_t | x0)
+    want = math.sqrt(ap) * x0 + cov / (1 - abar[t].item()) * (xt - math.sqrt(abar[t].item()) * x0)
+    np.testing.assert_allclose(mean.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
+    assert math.isclose(var.item(), (1 - ap) - cov ** 2 / (1 - abar[t].item()), rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_predict_x0_inverts_q_sample():
+    abar = torch.cumprod(1 - d.cosine_betas(T), 0)[:-1]  # abar_T = 0 has no inverse
+    x0, eps = torch.randn(len(abar), 2, dtype=torch.float64), torch.randn(len(abar), 2, dtype=torch.float64)
+    a = abar[:, None]
+    np.testing.assert_allclose(d.predict_x0(d.q_sample(x0, a, eps), eps, a).numpy(), x0.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_cosine_schedule_endpoints_monotone_and_clipped():
+    abar = d.cosine_alphas_cumprod(T)
+    assert abar[0] == 1 and abar[-1] < 1e-30 and (abar[1:] < abar[:-1]).all()
+    betas = d.cosine_betas(T)
+    assert (betas > 0).all() and betas.max() == 0.999 and (betas[:-1] < 0.999).all()  # only the last step is clipped
+    assert (betas[1:] >= betas[:-1]).all()  # increasing
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0)[:-1].numpy(), abar[1:-1].numpy(), rtol=1e-10)
+
+
+MU = torch.tensor([0.7, -0.4])
+COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]])
+
+
+def eps_star_fn(betas):
+    """Exact E[eps | x_t] for x0 ~ N(MU, COV): sqrt(1 - a) (a COV + (1 - a) I)^-1 (x_t - sqrt(a) MU)."""
+    abar = torch.cumprod(1 - betas, 0).float()
+
+    def eps(x, t):
+        a = abar[t[0]]
+        prec = torch.linalg.inv(a * COV + (1 - a) * torch.eye(2))
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) @ prec.T
+    return eps
+
+
+def sampler_moments(betas, steps, method, sigma):
+    """The exact output law of the discretised sampler driven by eps*: with Gaussian data every step
+    is affine, x' = A x + b + s z, so from x_T ~ N(0, I) the mean and covariance follow exactly (float64)."""
+    betas = betas.double()
+    abar, eye, mu, cov = torch.cumprod(1 - betas, 0), torch.eye(2, dtype=torch.float64), MU.double(), COV.double()
+    m, C = torch.zeros(2, dtype=torch.float64), eye.clone()
+    T = len(betas)
+    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a = abar[t]
+        P = torch.linalg.inv(a * cov + (1 - a) * eye)
+        Me, be = (1 - a).sqrt() * P, -(1 - a).sqrt() * a.sqrt() * P @ mu  # eps*(x) = Me x + be
+        A0, b0 = (eye - (1 - a).sqrt() * Me) / a.sqrt(), -(1 - a).sqrt() * be / a.sqrt()  # x0_hat = A0 x + b0 (eq. 4 inverted)
+        if method == 'ddpm':
+            ap = abar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+            c0, ct = ap.sqrt() * betas[t] / (1 - a), (1 - betas[t]).sqrt() * (1 - ap) / (1 - a)  # eq. 7
+            A, b = c0 * A0 + ct * eye, c0 * b0
+            s2 = 0.0 if t == 0 else (betas[t] if sigma == 'beta' else (1 - ap) / (1 - a) * betas[t])
+        else:  # DDIM, eta = 0 (Song et al. eq. 12)
+            ap = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            A, b, s2 = ap.sqrt() * A0 + (1 - ap).sqrt() * Me, ap.sqrt() * b0 + (1 - ap).sqrt() * be, 0.0
+        m, C = A @ m + b, A @ C @ A.T + s2 * eye
+    return m.float(), C.float()
+
+
+@pytest.mark.parametrize('method, sigma, steps', [('ddpm', 'beta_tilde', 0), ('ddpm', 'beta', 0), ('ddim', '-', 50)])
+def test_cosine_sampler_with_exact_eps_matches_its_exact_moments(method, sigma, steps):
+    """The clipped cosine schedule with x0 clipping on, driven by eps*: the samples' mean and covariance
+    equal the exact moments of the discretised chain (no collapse in the last reverse steps).
+    n = 40,000: a mean's standard error is sqrt(var / n), a variance's var sqrt(2 / n), a covariance's
+    sqrt((var_x var_y + cov^2) / n)."""
+    n, g, betas = 40_000, torch.Generator().manual_seed(0), d.cosine_betas(T)
+    x, _ = d.sample(eps_star_fn(betas), (n, 2), betas, steps, method, sigma, 0.0, 4.0, g)
+    mean, cov = sampler_moments(betas, steps, method, sigma)
+    var = cov.diag()
+    assert ((x.mean(0) - mean).abs() < Z * (var / n).sqrt()).all(), (x.mean(0), mean)
+    emp = torch.cov(x.T)
+    assert ((emp.diag() - var).abs() < Z * var * math.sqrt(2 / n)).all(), (emp, cov)
+    assert abs(emp[0, 1] - cov[0, 1]) < Z * math.sqrt((var[0] * var[1] + cov[0, 1] ** 2) / n), (emp, cov)
+    # the chain itself is the data's up to a first-order discretisation error: the bias of the covariance
+    # falls ~1/T for DDPM (T = 200 -> 1000: x0.2) and ~1/steps for DDIM (x0.5 per doubling)
+    np.testing.assert_allclose(mean, MU, atol=1e-3)
+    if method == 'ddpm':
+        bias = [(sampler_moments(d.cosine_betas(k), 0, 'ddpm', sigma)[1] - COV).abs().max().item() for k in (T, 1000)]
+        assert bias[0] < 0.03 and bias[1] / bias[0] < 0.3, bias
+    else:
+        bias = [(sampler_moments(betas, k, 'ddim', '-')[1] - COV).abs().max().item() for k in (50, 100, 200)]
+        assert bias[0] < 0.06 and 0.4 < bias[1] / bias[0] < 0.6 and 0.4 < bias[2] / bias[1] < 0.6, bias
+
+
+def test_v_target_round_trip():
+    """v = sqrt(a) eps - sqrt(1 - a) x0 and x_t = sqrt(a) x0 + sqrt(1 - a) eps give back x0 and eps, for every a
+    including abar_T = 0 of the unclipped cosine schedule, where inverting eq. 4 from eps divides by zero."""
+    a = torch.cat([d.cosine_alphas_cumprod(T)[1:], torch.zeros(1, dtype=torch.float64)])[:, None]
+    x0, eps = torch.randn(len(a), 2, dtype=torch.float64), torch.randn(len(a), 2, dtype=torch.float64)
+    got_x0, got_eps = d.x0_eps_from_v(d.q_sample(x0, a, eps), d.v_target(x0, a, eps), a)
+    np.testing.assert_allclose(got_x0.numpy(), x0.numpy(), atol=1e-12)
+    np.testing.assert_allclose(got_eps.numpy(), eps.numpy(), atol=1e-12)
+
+
+def v_star_fn(betas):
+    """Exact v* = sqrt(a) eps* - sqrt(1 - a) E[x0 | x_t],
+    E[x0 | x_t] = MU + sqrt(a) COV (a COV + (1 - a) I)^-1 (x_t - sqrt(a) MU)."""
+    abar, eps_star = torch.cumprod(1 - betas, 0).float(), eps_star_fn(betas)
+
+    def v(x, t):
+        a = abar[t[0]]
+        x0 = MU + a.sqrt() * (x - a.sqrt() * MU) @ (COV @ torch.linalg.inv(a * COV + (1 - a) * torch.eye(2))).T
+        return a.sqrt() * eps_star(x, t) - (1 - a).sqrt() * x0
+    return v
+
+
+@pytest.mark.parametrize('method', ['ddpm', 'ddim'])
+def test_v_sampler_is_the_eps_sampler(method):
+    """Driven by the exact v*, sample(target='v') runs the same chain as with eps*, sample for sample."""
+    betas = d.cosine_betas(T)
+    run = lambda fn, target: d.sample(fn, (4000, 2), betas, 50 * (method == 'ddim'), method, 'beta_tilde', 0.0, 0.0,
+                                      torch.Generator().manual_seed(0), target=target)[0]
+    np.testing.assert_allclose(run(v_star_fn(betas), 'v').numpy(), run(eps_star_fn(betas), 'eps').numpy(), atol=1e-3)
+
+
+def test_linear_schedule_of_the_report_leaves_signal_at_T():
+    """beta 1e-4..0.02 over T = 200: abar_T = e^-2 of the data is left at t = T, so N(0, I) is not q(x_T).
+    The script prints abar_T; cosine reaches 0."""
+    abar_T = torch.cumprod(1 - d.linear_betas(T, 1e-4, 0.02), 0)[-1].item()
+    assert math.isclose(abar_T, math.exp(-sum(1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T))), rel_tol=0.02)
+    assert abar_T > 0.1
+
+
+def test_sliced_w1_zero_symmetric_and_scales_with_a_shift():
+    a, b = torch.randn(1000, 2), torch.randn(1000, 2)
+    assert d.sliced_w1(a, a) == 0 and d.sliced_w1(a, b) == d.sliced_w1(b, a)
+    # a shift v moves every projection by v.theta, so SW1 = mean |v.theta| over the directions, ~ |v| 2/pi
+    v = torch.tensor([0.3, 0.4])
+    theta = torch.rand(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.pi
+    want = (0.3 * theta.cos() + 0.4 * theta.sin()).abs().mean().item()
+    assert math.isclose(d.sliced_w1(a, a + v), want, rel_tol=1e-5)
+    assert abs(want - 0.5 * 2 / math.pi) < 0.05
+
+
+@pytest.mark.parametrize('mode', ['attn', 'pool', 'stats'])
+def test_set_model_is_permutation_equivariant(mode):
+    torch.manual_seed(0)
+    model = d.SetDenoiser(mode, hidden=32, layers=2)
+    x, t, perm = torch.randn(3, 200, 2), torch.tensor([0, 50, 199]), torch.randperm(200)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x[:, perm], t).numpy(), model(x, t)[:, perm].numpy(), atol=1e-5)
+
+
+def test_star_generator_shapes_and_determinism():
+    a, b = d.make_stars(5, 300, np.random.default_rng(3)), d.make_stars(5, 300, np.random.default_rng(3))
+    assert a.shape == (5, 300, 2) and torch.equal(a, b)
+    assert not torch.equal(a, d.make_stars(5, 300, np.random.default_rng(4)))
+    # every star is a closed outline around its centre: points in every 45-degree sector around the mean
+    for star in a:
+        ang = torch.atan2(*(star - star.mean(0)).T.flip(0))
+        assert len(torch.unique(((ang + math.pi) / (math.pi / 4)).long().clamp(max=7))) == 8
+    assert abs(d.Stars(300).draw(64).std().item() - 1) < 0.15
+
+
+def test_nearest_star_finds_a_permuted_copy():
+    train = d.make_stars(10, 256, np.random.default_rng(0))
+    query = train[[7, 2]][:, torch.randperm(256)]
+    dist, idx = d.nearest_star(query, train, sub=256)
+    # float32 cdist goes through |a|^2 + |b|^2 - 2ab, so a zero distance comes out ~sqrt(1e-7 |a|^2) ~ 3e-4
+    assert list(idx) == [7, 2] and (dist < 1e-3).all()
+    assert d.nearest_star(train[:2], train[2:], sub=256)[0].min() > 0.05  # distinct stars are far apart
+
+
+def test_radial_spread_of_a_disc_a_circle_and_stars():
+    """A uniform disc has radius density 2r on [0, 1] in every sector: std sqrt(1/2 - 4/9), mean 2/3, so
+    0.354; 40 discs of 4096 points put the mean within ~0.003 (sector std over ~114 points, 36 sectors).
+    A circle of radius 1 with N(0, 0.01^2) jitter gives 0.01. Real stars, where the outline crosses
+    each sector, lie in between and far below the disc."""
+    g = torch.Generator().manual_seed(0)
+    r, a = torch.rand(40, 4096, generator=g).sqrt(), torch.rand(40, 4096, generator=g) * 2 * math.pi
+    disc = torch.stack([r * a.cos(), r * a.sin()], 2)
+    want = math.sqrt(0.5 - 4 / 9) / (2 / 3)
+    assert abs(d.radial_spread(disc).mean() - want) < 0.01, d.radial_spread(disc).mean()
+    circle = torch.stack([a.cos(), a.sin()], 2) + 0.01 * torch.randn(40, 4096, 2, generator=g)
+    assert abs(d.radial_spread(circle).mean() - 0.01) < 0.002
+    assert 0.03 < d.radial_spread(d.Stars(1024).draw(32)).mean() < 0.12
+
+
+def test_main_shape_run(tmp_path, capsys):
+    d.main(['--dataset', 'circle', '--points', '600', '--epochs', '3', '--snapshots', '1', '--timesteps', '20',
+            '--eval-points', '200', '--eval-repeats', '2', '--out-dir', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'eval | floor' in out and out.count('eval | epoch') == 2
+    run = tmp_path / 'circle'
+    for f in ('samples.png', 'forward.png', 'config.json', 'ddpm_points.py', 'ckpt.pt'):
+        assert (run / f).exists(), f
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['points'] == 600 and json.loads((run / 'config.json').read_text())['dataset'] == 'circle'
+    model = d.make_model(ckpt['config'])
+    model.load_state_dict(ckpt['ema'])
+
+
+def test_main_stars_run(tmp_path, capsys):
+    d.main(['--dataset', 'stars', '--points', '8', '--star-points', '64', '--batch-size', '256', '--epochs', '1',
+            '--timesteps', '10', '--eval-stars', '4', '--out-dir', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'x real stars' in out and 'distinct nearest training stars' in out and out.count('radial spread') == 2
+    assert (tmp_path / 'stars' / 'stars.png').exists()
+
+
+@pytest.mark.parametrize('flags, says', [
+    (['--timesteps', '1'], '--timesteps'),
+    (['--beta-start', '0.03'], '--beta-start'),
+    (['--sample-steps', '50'], '--sampler ddim'),
+    (['--sampler', 'ddim', '--sample-steps', '500'], '--sample-steps must be'),
+    (['--epochs', '-1'], 'counts'),
+    (['--ema', '1.0'], '--ema'),
+    (['--eval-repeats', '1'], 'standard error'),
+    (['--snapshots', '1,x'], '--snapshots'),
+    (['--dataset', 'stars', '--star-points', '8'], '--star-points'),
+    (['--dataset', 'stars', '--gif', 'true'], '--gif'),
+    (['--set-model', 'stats'], '--dataset stars'),
+    (['--device', 'nonsense'], 'not a torch device'),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, flags, says):
+    with pytest.raises(SystemExit) as e:
+        d.main(flags + ['--out-dir', str(tmp_path)])
+    assert says in str(e.value) and '\n' not in str(e.value)
+    assert not any(tmp_path.iterdir())  # nothing written
