@@ -25,7 +25,7 @@ and the radial spread (0.07 for real stars, 0.34 for a filled square), which a b
 Run (writes figures, config.json and a copy of this file to out/ddpm_points/<dataset>); times are
 medians of 3 runs on a 2-core CPU:
     python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
-    python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 33 s, 1.19x)
+    python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
     python ddpm_points.py --dataset stars    # 16 min: Chamfer 0.99x real stars, but rings, not stars yet
 """
 import argparse
