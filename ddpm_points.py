@@ -529,15 +529,16 @@ def train(c, dev, out):
             what = 'Chamfer to nearest training star' if stars else 'sliced W1'
             print(f'eval | epoch {epoch} | step {step} | {what} {score:.4f} +- {score_se:.4f} | {score / floor:.2f}x '
                   f"{'real stars' if stars else 'floor'} | {time.time() - t0:.0f}s")
+    path = os.path.join(out, 'ckpt.pt')  # written whole, then renamed: a kill mid-save keeps the last one;
+    # saved before the figures, so a plotting failure (no pillow for --gif) keeps the trained model
+    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'config': c, 'script': 'ddpm_points.py'}, path + '.tmp')
+    os.replace(path + '.tmp', path)
     if stars:
         print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars among {len(x)} generated | '
               'radial spread %.3f +- %.3f' % mean_se(radial_spread(x)))
         plot_stars(out, data.cpu(), x)
     else:
         plot_shape(out, c, source, betas, ema, snaps, curve, dev, g)
-    path = os.path.join(out, 'ckpt.pt')  # written whole, then renamed: a kill mid-save keeps the last one
-    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'config': c, 'script': 'ddpm_points.py'}, path + '.tmp')
-    os.replace(path + '.tmp', path)
 
 
 def plot_stars(out, train, gen, k=8):
