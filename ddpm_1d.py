@@ -3,7 +3,7 @@ Forward and reverse diffusion of a known 1D distribution: exact, the seed report
 
 DDPM (Ho et al. 2020, arXiv:2006.11239) on x0 ~ N(m, p^2), or a two-component Gaussian mixture.
 Forward: q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t), alpha_t = 1 - beta_t (eq. 2), and in
-closed form q(x_t | x_0) = N(sqrt(abar_t) x0, 1 - abar_t), abar_t = prod_{s<=t} alpha_s (eq. 4).
+closed form q(x_t | x_0) = N(sqrt(alphas_cumprod_t) x0, 1 - alphas_cumprod_t), alphas_cumprod_t = prod_{s<=t} alpha_s (eq. 4).
 Arrays here are indexed by t = 0..T with beta_0 = 0, so alphas_cumprod[0] = 1 and x_0 is the data.
 
 Three reverse processes, all run from t = T down to 0:
@@ -22,7 +22,7 @@ Three reverse processes, all run from t = T down to 0:
            default, DDPM's choice for CIFAR-10) and 0.440 with beta_tilde_t, for eps_theta and
            eps* alike: the eps* row tells the sampler's error from the network's.
 
-The exact reverse kernel. Let m_t = sqrt(abar_t) m and s_t^2 = abar_t p^2 + 1 - abar_t, so that
+The exact reverse kernel. Let m_t = sqrt(alphas_cumprod_t) m and s_t^2 = alphas_cumprod_t p^2 + 1 - alphas_cumprod_t, so that
 q(x_t) = N(m_t, s_t^2). Since x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) z with z ~ N(0, 1)
 independent of x_{t-1}, the pair (x_{t-1}, x_t) is jointly Gaussian with
     Var x_{t-1} = s_{t-1}^2,  Cov(x_{t-1}, x_t) = sqrt(alpha_t) s_{t-1}^2,
@@ -31,11 +31,11 @@ Conditioning a joint Gaussian, E[a | b] = E a + Cov(a, b) / Var b (b - E b) and
 Var[a | b] = Var a - Cov(a, b)^2 / Var b, gives
     q(x_{t-1} | x_t) = N(m_{t-1} + sqrt(alpha_t) s_{t-1}^2 / s_t^2 (x_t - m_t),  beta_t s_{t-1}^2 / s_t^2).
 Equivalently, the mean is the posterior mean (eq. 7) at x0 = E[x0 | x_t] and the variance is
-beta_tilde_t + c0_t^2 Var[x0 | x_t], c0_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t): the report's
+beta_tilde_t + c0_t^2 Var[x0 | x_t], c0_t = sqrt(alphas_cumprod_{t-1}) beta_t / (1 - alphas_cumprod_t): the report's
 kernel puts m and p^2 where these conditional moments belong. For a mixture sum_k w_k N(m_k, p_k^2)
 each component is as above and q(x_{t-1} | x_t) = sum_k r_k(x_t) q_k(x_{t-1} | x_t), with
 responsibilities r_k(x_t) proportional to w_k N(x_t; m_{t,k}, s_{t,k}^2). The same argument gives
-eps*(x_t) = E[eps | x_t] = sum_k r_k(x_t) sqrt(1 - abar_t) (x_t - m_{t,k}) / s_{t,k}^2.
+eps*(x_t) = E[eps | x_t] = sum_k r_k(x_t) sqrt(1 - alphas_cumprod_t) (x_t - m_{t,k}) / s_{t,k}^2.
 
 Run (writes out/ddpm_1d/ddpm_1d.png, config.json and a copy of this file):
     python ddpm_1d.py                     # 10^6 samples per process, 46 s on a 2-core CPU (median of 3)
@@ -132,27 +132,22 @@ def linear_betas(T, beta_start, beta_end):
                       torch.linspace(beta_start, beta_end, T, dtype=torch.float64)])
 
 
-def alphas_cumprod(betas):
-    """abar_t = prod_{s<=t} (1 - beta_s) (eq. 4), so abar_0 = 1."""
-    return torch.cumprod(1 - betas, 0)
+def q_sample(x0, alphas_cumprod_t, noise):
+    """x_t ~ q(x_t | x0) = N(sqrt(alphas_cumprod_t) x0, 1 - alphas_cumprod_t) (eq. 4), reparameterised."""
+    return alphas_cumprod_t.sqrt() * x0 + (1 - alphas_cumprod_t).sqrt() * noise
 
 
-def q_sample(x0, abar_t, noise):
-    """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t) (eq. 4), reparameterised."""
-    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
-
-
-def q_posterior_mean_var(x0, xt, t, betas, abar):
+def q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod):
     """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) for t >= 1 (eqs. 6-7)."""
-    c0 = abar[t - 1].sqrt() * betas[t] / (1 - abar[t])
-    ct = (1 - betas[t]).sqrt() * (1 - abar[t - 1]) / (1 - abar[t])
-    return c0 * x0 + ct * xt, (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
+    c0 = alphas_cumprod[t - 1].sqrt() * betas[t] / (1 - alphas_cumprod[t])
+    ct = (1 - betas[t]).sqrt() * (1 - alphas_cumprod[t - 1]) / (1 - alphas_cumprod[t])
+    return c0 * x0 + ct * xt, (1 - alphas_cumprod[t - 1]) / (1 - alphas_cumprod[t]) * betas[t]
 
 
 # The data is a mixture sum_k w_k N(m_k, p_k^2) given by three (K,) tensors w, m, p; K = 1 for 'gauss'.
-def marginal_mean_var(abar_t, m, p):
-    """q(x_t) of each component: N(sqrt(abar_t) m_k, abar_t p_k^2 + 1 - abar_t)."""
-    return abar_t.sqrt() * m, abar_t * p ** 2 + 1 - abar_t
+def marginal_mean_var(alphas_cumprod_t, m, p):
+    """q(x_t) of each component: N(sqrt(alphas_cumprod_t) m_k, alphas_cumprod_t p_k^2 + 1 - alphas_cumprod_t)."""
+    return alphas_cumprod_t.sqrt() * m, alphas_cumprod_t * p ** 2 + 1 - alphas_cumprod_t
 
 
 def mixture_moments(w, mean, var):
@@ -161,38 +156,38 @@ def mixture_moments(w, mean, var):
     return mu, ((w * (var + mean ** 2)).sum(-1) - mu ** 2).sqrt()
 
 
-def responsibilities(x, abar_t, w, m, p):
+def responsibilities(x, alphas_cumprod_t, w, m, p):
     """(N, K) r_k(x) = P(component k | x_t = x)."""
-    mean, var = marginal_mean_var(abar_t, m, p)
+    mean, var = marginal_mean_var(alphas_cumprod_t, m, p)
     return (w.log() - 0.5 * var.log() - 0.5 * (x[:, None] - mean) ** 2 / var).softmax(-1)
 
 
-def eps_star(x, abar_t, w, m, p):
-    """E[eps | x_t = x] = sum_k r_k(x) sqrt(1 - abar_t) (x - m_{t,k}) / s_{t,k}^2, the L_simple optimum."""
-    abar_t = torch.as_tensor(abar_t, dtype=torch.float64)[..., None]  # scalar or (N, 1) per sample
-    mean, var = marginal_mean_var(abar_t, m, p)
-    r = responsibilities(x, abar_t, w, m, p)
-    return (r * (1 - abar_t).sqrt() * (x[:, None] - mean) / var).sum(-1)
+def eps_star(x, alphas_cumprod_t, w, m, p):
+    """E[eps | x_t = x] = sum_k r_k(x) sqrt(1 - alphas_cumprod_t) (x - m_{t,k}) / s_{t,k}^2, the L_simple optimum."""
+    alphas_cumprod_t = torch.as_tensor(alphas_cumprod_t, dtype=torch.float64)[..., None]  # scalar or (N, 1) per sample
+    mean, var = marginal_mean_var(alphas_cumprod_t, m, p)
+    r = responsibilities(x, alphas_cumprod_t, w, m, p)
+    return (r * (1 - alphas_cumprod_t).sqrt() * (x[:, None] - mean) / var).sum(-1)
 
 
-def true_reverse_mean_var(x, t, betas, abar, m, p):
+def true_reverse_mean_var(x, t, betas, alphas_cumprod, m, p):
     """Per component: q_k(x_{t-1} | x_t) = N(m_{t-1} + sqrt(alpha_t) s_{t-1}^2/s_t^2 (x_t - m_t),
     beta_t s_{t-1}^2/s_t^2), from the joint Gaussian (docstring). Returns (N, K) means, (K,) vars."""
-    mean_prev, var_prev = marginal_mean_var(abar[t - 1], m, p)
-    mean_t, var_t = marginal_mean_var(abar[t], m, p)
+    mean_prev, var_prev = marginal_mean_var(alphas_cumprod[t - 1], m, p)
+    mean_t, var_t = marginal_mean_var(alphas_cumprod[t], m, p)
     return (mean_prev + (1 - betas[t]).sqrt() * var_prev / var_t * (x[:, None] - mean_t),
             betas[t] * var_prev / var_t)
 
 
-def report_reverse_mean_var(x, t, betas, abar, mean0, var0):
+def report_reverse_mean_var(x, t, betas, alphas_cumprod, mean0, var0):
     """The seed report's kernel: eq. 7 at x0 = mean0 (the data mean), variance beta_tilde_t + var0."""
-    mean, var = q_posterior_mean_var(mean0, x, t, betas, abar)
+    mean, var = q_posterior_mean_var(mean0, x, t, betas, alphas_cumprod)
     return mean, var + var0
 
 
-def p_mean_from_eps(x, eps, t, betas, abar):
-    """mu_theta(x_t) = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (eq. 11)."""
-    return (x - betas[t] / (1 - abar[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
+def p_mean_from_eps(x, eps, t, betas, alphas_cumprod):
+    """mu_theta(x_t) = (x_t - beta_t / sqrt(1 - alphas_cumprod_t) eps) / sqrt(alpha_t) (eq. 11)."""
+    return (x - betas[t] / (1 - alphas_cumprod[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
 
 
 # ---- model ----
@@ -221,10 +216,10 @@ def pick(r, g):
     return (torch.rand(len(r), 1, generator=g, dtype=r.dtype) > r.cumsum(-1)).sum(-1).clamp(max=r.shape[-1] - 1)
 
 
-def sample_marginal(n, abar_t, w, m, p, g):
-    """n draws from q(x_t) (from the data when abar_t = 1)."""
+def sample_marginal(n, alphas_cumprod_t, w, m, p, g):
+    """n draws from q(x_t) (from the data when alphas_cumprod_t = 1)."""
     k = pick(w.expand(n, -1), g)
-    mean, var = marginal_mean_var(abar_t, m, p)
+    mean, var = marginal_mean_var(alphas_cumprod_t, m, p)
     return mean[k] + var[k].sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
 
 
@@ -239,28 +234,28 @@ def run_chain(step, x, ts, n_keep):
     return x, torch.tensor(stats), torch.stack(paths, 1)
 
 
-def exact_step(betas, abar, w, m, p, g):
+def exact_step(betas, alphas_cumprod, w, m, p, g):
     """x_{t-1} ~ q(x_{t-1} | x_t): pick a component by its responsibility, then its Gaussian."""
     def step(x, t):
-        mean, var = true_reverse_mean_var(x, t, betas, abar, m, p)
-        k = pick(responsibilities(x, abar[t], w, m, p), g)
+        mean, var = true_reverse_mean_var(x, t, betas, alphas_cumprod, m, p)
+        k = pick(responsibilities(x, alphas_cumprod[t], w, m, p), g)
         return mean.gather(1, k[:, None])[:, 0] + var[k].sqrt() * torch.randn(len(x), generator=g, dtype=x.dtype)
     return step
 
 
-def report_step(betas, abar, mean0, var0, g):
+def report_step(betas, alphas_cumprod, mean0, var0, g):
     def step(x, t):
-        mean, var = report_reverse_mean_var(x, t, betas, abar, mean0, var0)
+        mean, var = report_reverse_mean_var(x, t, betas, alphas_cumprod, mean0, var0)
         return mean + var.sqrt() * torch.randn(len(x), generator=g, dtype=x.dtype)
     return step
 
 
-def ddpm_step(eps_fn, betas, abar, sigma, g):
+def ddpm_step(eps_fn, betas, alphas_cumprod, sigma, g):
     """Algorithm 2: x_{t-1} = mu_theta(x_t) + sigma_t z, sigma_t^2 = beta_tilde_t or beta_t, z = 0 at t = 1."""
     def step(x, t):
-        var = betas[t] if sigma == 'beta' else (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
+        var = betas[t] if sigma == 'beta' else (1 - alphas_cumprod[t - 1]) / (1 - alphas_cumprod[t]) * betas[t]
         z = torch.randn(len(x), generator=g, dtype=x.dtype) if t > 1 else torch.zeros_like(x)
-        return p_mean_from_eps(x, eps_fn(x, t), t, betas, abar) + var.sqrt() * z
+        return p_mean_from_eps(x, eps_fn(x, t), t, betas, alphas_cumprod) + var.sqrt() * z
     return step
 
 
@@ -275,16 +270,16 @@ def model_eps(model, dev, chunk=1 << 13):
 
 
 # ---- train ----
-def train(model, betas, abar, w, m, p, c, dev, g):
-    """L_simple = E_{t, x0, eps} |eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2 (eq. 14)."""
+def train(model, betas, alphas_cumprod, w, m, p, c, dev, g):
+    """L_simple = E_{t, x0, eps} |eps - eps_theta(sqrt(alphas_cumprod_t) x0 + sqrt(1 - alphas_cumprod_t) eps, t)|^2 (eq. 14)."""
     opt = torch.optim.Adam(model.parameters(), lr=c['lr'])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / c['train_steps'])))
     T, n, t0 = len(betas) - 1, c['batch_size'], time.time()
     for i in range(1, c['train_steps'] + 1):
-        x0 = sample_marginal(n, abar[0], w, m, p, g)
+        x0 = sample_marginal(n, alphas_cumprod[0], w, m, p, g)
         t = torch.randint(1, T + 1, (n,), generator=g)
         eps = torch.randn(n, generator=g, dtype=torch.float64)
-        xt = q_sample(x0, abar[t], eps)
+        xt = q_sample(x0, alphas_cumprod[t], eps)
         loss = (model(xt.float().to(dev), t.to(dev)) - eps.float().to(dev)).pow(2).mean()
         if not torch.isfinite(loss):
             raise SystemExit(f'ddpm_1d.py: loss is {loss.item()} at step {i}; try a lower --lr')
@@ -299,14 +294,14 @@ def train(model, betas, abar, w, m, p, c, dev, g):
 
 
 @torch.no_grad()
-def eps_gap(model, eps_fn, betas, abar, w, m, p, dev, g, n=200_000):
+def eps_gap(model, eps_fn, betas, alphas_cumprod, w, m, p, dev, g, n=200_000):
     """Over t ~ U{1..T} and x_t ~ q(x_t): mean (eps_theta - eps*)^2, and L_simple of eps_theta and of eps*."""
     t = torch.randint(1, len(betas), (n,), generator=g)
-    x0 = sample_marginal(n, abar[0], w, m, p, g)
+    x0 = sample_marginal(n, alphas_cumprod[0], w, m, p, g)
     eps = torch.randn(n, generator=g, dtype=torch.float64)
-    xt = q_sample(x0, abar[t], eps)
+    xt = q_sample(x0, alphas_cumprod[t], eps)
     e_theta = model(xt.float().to(dev), t.to(dev)).double().cpu()
-    e_star = eps_fn(xt, abar[t])
+    e_star = eps_fn(xt, alphas_cumprod[t])
     return (e_theta - e_star).pow(2).mean().item(), (e_theta - eps).pow(2).mean().item(), (e_star - eps).pow(2).mean().item()
 
 
@@ -376,46 +371,47 @@ def main(argv=None):
 
     T, n, n_keep = c['timesteps'], c['samples'], c['trajectories']
     betas = linear_betas(T, c['beta_start'], c['beta_end'])
-    abar = alphas_cumprod(betas)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)  # alphas_cumprod_t = prod_{s<=t} (1 - beta_s) (eq. 4)
     f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
     w, m, p = ((f64(1.0), f64(c['data_mean']), f64(c['data_std'])) if c['data'] == 'gauss' else
                (f64(1 - c['mix_weight'], c['mix_weight']), f64(c['data_mean'], c['mix_mean']), f64(c['data_std'], c['mix_std'])))
-    true_stats = torch.stack([torch.stack(mixture_moments(w, *marginal_mean_var(abar[t], m, p))) for t in range(T + 1)])
+    true_stats = torch.stack([torch.stack(mixture_moments(w, *marginal_mean_var(alphas_cumprod[t], m, p))) for t in range(T + 1)])
     mean0, std0 = true_stats[0]
     print(f"device {dev} | data {c['data']}: mean {mean0:.4f} std {std0:.4f} | T {T}, beta {c['beta_start']} -> "
-          f"{c['beta_end']} | abar_T {abar[T]:.2e} | {n:,} samples")
+          f"{c['beta_end']} | alphas_cumprod_T {alphas_cumprod[T]:.2e} | {n:,} samples")
 
     # forward: iterate q(x_t | x_{t-1}) and compare x_T with the closed form q(x_T | x0) and with N(0, 1)
-    x0 = sample_marginal(n, abar[0], w, m, p, g)
+    x0 = sample_marginal(n, alphas_cumprod[0], w, m, p, g)
     fwd_step = lambda x, t: (1 - betas[t]).sqrt() * x + betas[t].sqrt() * torch.randn(len(x), generator=g, dtype=x.dtype)
     fwd = run_chain(fwd_step, x0, range(1, T + 1), n_keep)
     xs = torch.linspace(-12, 12, 24001, dtype=torch.float64)  # KL(q(x_T) || N(0, 1)) by quadrature
-    mean_T, var_T = marginal_mean_var(abar[T], m, p)
+    mean_T, var_T = marginal_mean_var(alphas_cumprod[T], m, p)
     q_T = (w * torch.exp(-0.5 * (xs[:, None] - mean_T) ** 2 / var_T) / (2 * math.pi * var_T).sqrt()).sum(-1)
     kl = (q_T * (q_T.log() + 0.5 * xs ** 2 + 0.5 * math.log(2 * math.pi))).sum().item() * (xs[1] - xs[0]).item()
     print(f'forward | x_T over {n:,} chains: mean {fwd[1][T, 0]:.4f} std {fwd[1][T, 1]:.4f} | closed form q(x_T): '
           f'mean {true_stats[T, 0]:.4f} std {true_stats[T, 1]:.4f} | KL(q(x_T) || N(0,1)) {kl:.1e} nats')
 
     runs, wanted = {}, ['exact', 'report', 'learned'] if c['reverse'] == 'all' else [c['reverse']]
-    x_T = sample_marginal(n, abar[T], w, m, p, g)
+    x_T = sample_marginal(n, alphas_cumprod[T], w, m, p, g)
     if 'exact' in wanted:
-        runs['exact'] = run_chain(exact_step(betas, abar, w, m, p, g), x_T, range(T, 0, -1), n_keep)
+        runs['exact'] = run_chain(exact_step(betas, alphas_cumprod, w, m, p, g), x_T, range(T, 0, -1), n_keep)
     if 'report' in wanted:
-        runs['report'] = run_chain(report_step(betas, abar, mean0, std0 ** 2, g), x_T, range(T, 0, -1), n_keep)
+        runs['report'] = run_chain(report_step(betas, alphas_cumprod, mean0, std0 ** 2, g), x_T, range(T, 0, -1), n_keep)
     if 'learned' in wanted:
         model = EpsMLP(c['hidden']).to(dev)
         print(f"learned | eps_theta: MLP, {sum(q.numel() for q in model.parameters()):,} parameters, "
               f"{c['train_steps']} steps of {c['batch_size']}, sigma^2 = {c['sigma']}")
-        train(model, betas, abar, w, m, p, c, dev, g)
+        train(model, betas, alphas_cumprod, w, m, p, c, dev, g)
         star = lambda x, a: eps_star(x, a, w, m, p)
-        gap, loss_theta, loss_star = eps_gap(model, star, betas, abar, w, m, p, dev, g)
+        gap, loss_theta, loss_star = eps_gap(model, star, betas, alphas_cumprod, w, m, p, dev, g)
         print(f'learned | mean (eps_theta - eps*)^2 {gap:.2e} | L_simple {loss_theta:.4f}, '
               f'at eps* {loss_star:.4f} (its minimum)')
         x_N = torch.randn(n, generator=g, dtype=torch.float64)  # DDPM's prior N(0, 1); both samplers share it
         state = g.get_state()
-        runs['learned'] = run_chain(ddpm_step(model_eps(model, dev), betas, abar, c['sigma'], g), x_N, range(T, 0, -1), n_keep)
+        runs['learned'] = run_chain(ddpm_step(model_eps(model, dev), betas, alphas_cumprod, c['sigma'], g), x_N,
+                                    range(T, 0, -1), n_keep)
         g.set_state(state)  # the same noise for eps*: the difference is the network's error alone
-        runs['eps*'] = run_chain(ddpm_step(lambda x, t: star(x, abar[t]), betas, abar, c['sigma'], g), x_N,
+        runs['eps*'] = run_chain(ddpm_step(lambda x, t: star(x, alphas_cumprod[t]), betas, alphas_cumprod, c['sigma'], g), x_N,
                                  range(T, 0, -1), n_keep)
     for name, (x, stats, _) in runs.items():
         stats = stats.flip(0)  # chains ran t = T..0; index by t

@@ -15,18 +15,20 @@ distance between two fresh draws of 2,000 data points: the floor a perfect model
 is averaged over eval_repeats independent pairs, since one pair's value varies by +-30%.
 
 Stars: 1024 procedurally generated stars of 1024 points (make_stars lists the parameters). A set
-network denoises a whole star at once (one t per star, independent noise per point) and predicts
-v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): with eps, x0 = (x_t - sqrt(1 - abar) eps)
-/ sqrt(abar) multiplies the error of the set's mean eps by 1 / sqrt(abar_T) = 4000, and the stars
-drifted off to the corners (Chamfer 4.8x real). Printed: the Chamfer distance of each generated star
-to its nearest training star over the same for fresh real stars, the distinct nearest neighbours,
-and the radial spread (0.07 for real stars, 0.34 for a filled square), which a blob can't fake.
+network (SetDenoiser) denoises a whole star at once, one t per star and independent noise per point.
+It predicts v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x0 (Salimans & Ho 2022): from
+eps, x0 = (x_t - sqrt(1 - alphas_cumprod_t) eps) / sqrt(alphas_cumprod_t) multiplies the error of the
+set's mean eps by 1 / sqrt(alphas_cumprod_T) = 4000, and the stars drifted off to the corners
+(Chamfer 4.8x real). Printed: the Chamfer distance of each generated star to its nearest training
+star over the same for fresh real stars, the distinct nearest neighbours, and radial_profile's spread
+(how thin the outline is) and tips (how much the radius varies with angle), which a blob or a ring can't fake.
 
 Run (writes figures, config.json and a copy of this file to out/ddpm_points/<dataset>); times are
 medians of 3 runs on a 2-core CPU:
     python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
-    python ddpm_points.py --dataset stars    # 16 min: Chamfer 0.99x real stars, but rings, not stars yet
+    python ddpm_points.py --dataset stars    # 10-11 min (2 runs): Chamfer 0.84x real stars, spread 0.077, tips 0.149
+    python ddpm_points.py --dataset stars --set-model stats   # 4.5 min: 0.78x, but rings: spread 0.205, tips 0.040
 """
 import argparse
 import json
@@ -50,7 +52,7 @@ beta_start = 1e-4           # beta_1 of 'linear' and 'quadratic'
 beta_end = 0.02             # beta_T of 'linear' and 'quadratic'
 arch = 'resnet'             # 'resnet' (tiny-diffusion: residual GELU blocks) | 'report' (emb 32, 128-256-64-2 ReLU)
 hidden = 128                # width of the 'resnet' MLP
-target = ''                 # 'eps' | 'v' (v = sqrt(abar) eps - sqrt(1 - abar) x0): the network's output; '' = eps, v for stars
+target = ''                 # 'eps' | 'v' (x0 and eps rotated, see v_target): the network's output; '' = eps, v for stars
 emb_scale = 25.0            # x and y are multiplied by this before their sinusoidal embedding
 epochs = 0                  # passes over the training points; 0 = the dataset's default
 batch_size = 0              # items per step (points, or stars); 0 = the dataset's default
@@ -65,7 +67,7 @@ eval_points = 2000          # points per set in the sliced W1
 eval_repeats = 8            # generated sets scored at the end, averaged (2 at earlier snapshots; the floor uses 4x)
 snapshots = '1,5,10,20,40'  # epochs (besides the last) to sample, score and draw
 gif = False                 # also write the reverse process as a GIF (needs pillow)
-set_model = 'attn'          # 'attn' | 'pool' | 'stats': the stars' set network (see SetDenoiser)
+set_model = 'polar'         # 'polar' | 'stats': the stars' set network (see SetDenoiser)
 star_points = 1024          # points per star
 eval_stars = 64             # generated stars scored by Chamfer distance to the training stars
 log_every = 500             # steps between progress lines
@@ -134,7 +136,7 @@ def check_config(c):
          '--eval-points, --eval-repeats and --eval-stars must be at least 2 (a mean and its standard error)'),
         (not re.fullmatch(r' *(\d+ *(, *\d+ *)*)?', c['snapshots']),
          f"--snapshots takes epochs like '1,5,10', not '{c['snapshots']}'"),
-        (stars and c['star_points'] < 16, '--star-points must be at least 16 (the set model looks at 8 neighbours)'),
+        (stars and c['star_points'] < 16, '--star-points must be at least 16'),
         (stars and c['gif'], '--gif draws a shape\'s reverse process; for stars, stars.png shows the samples'),
         (not stars and c['set_model'] != set_model, '--set-model is for --dataset stars'),
         (stars and c['arch'] != arch, '--arch is the per-point MLP of the shapes; stars use --set-model'),
@@ -155,16 +157,16 @@ def quadratic_betas(T, beta_start, beta_end):
 
 
 def cosine_alphas_cumprod(T, s=0.008):
-    """abar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, at t = 0..T (Nichol & Dhariwal eq. 17)."""
+    """alphas_cumprod(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, at t = 0..T (Nichol & Dhariwal eq. 17)."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return f / f[0]
 
 
 def cosine_betas(T, s=0.008, max_beta=0.999):
-    """beta_t = 1 - abar(t+1) / abar(t), clipped at max_beta so the last reverse step stays finite
-    (abar(T) = 0 exactly, which would make beta = 1 and 1/sqrt(alpha) infinite)."""
-    abar = cosine_alphas_cumprod(T, s)
-    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+    """beta_t = 1 - alphas_cumprod(t+1) / alphas_cumprod(t), clipped at max_beta so the last reverse step stays finite
+    (alphas_cumprod(T) = 0 exactly, which would make beta = 1 and 1/sqrt(alpha) infinite)."""
+    alphas_cumprod = cosine_alphas_cumprod(T, s)
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
 
 
 def make_betas(c):
@@ -173,33 +175,37 @@ def make_betas(c):
     return (linear_betas if c['schedule'] == 'linear' else quadratic_betas)(c['timesteps'], c['beta_start'], c['beta_end'])
 
 
-def q_sample(x0, abar_t, noise):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ~ q(x_t | x0) (eq. 4); abar_t broadcasts against x0."""
-    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+def q_sample(x0, alphas_cumprod_t, noise):
+    """x_t = sqrt(alphas_cumprod_t) x0 + sqrt(1 - alphas_cumprod_t) eps ~ q(x_t | x0) (eq. 4); alphas_cumprod_t
+    broadcasts against x0."""
+    return alphas_cumprod_t.sqrt() * x0 + (1 - alphas_cumprod_t).sqrt() * noise
 
 
-def q_posterior_mean_var(x0, xt, t, betas, abar):
-    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7); abar_{-1} = 1 at t = 0."""
-    abar_prev = abar[t - 1] if t > 0 else torch.ones((), dtype=abar.dtype)
-    c0 = abar_prev.sqrt() * betas[t] / (1 - abar[t])
-    ct = (1 - betas[t]).sqrt() * (1 - abar_prev) / (1 - abar[t])
-    return c0 * x0 + ct * xt, (1 - abar_prev) / (1 - abar[t]) * betas[t]
+def q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod):
+    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7); alphas_cumprod_{-1} = 1 at t = 0."""
+    alphas_cumprod_prev = alphas_cumprod[t - 1] if t > 0 else torch.ones((), dtype=alphas_cumprod.dtype)
+    c0 = alphas_cumprod_prev.sqrt() * betas[t] / (1 - alphas_cumprod[t])
+    ct = (1 - betas[t]).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t])
+    return c0 * x0 + ct * xt, (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t]) * betas[t]
 
 
-def predict_x0(xt, eps, abar_t):
-    """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    return (xt - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+def predict_x0(xt, eps, alphas_cumprod_t):
+    """Invert eq. 4: x0 = (x_t - sqrt(1 - alphas_cumprod_t) eps) / sqrt(alphas_cumprod_t)."""
+    return (xt - (1 - alphas_cumprod_t).sqrt() * eps) / alphas_cumprod_t.sqrt()
 
 
-def v_target(x0, abar_t, noise):
-    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, eq. 24 with alpha = sqrt(abar))."""
-    return abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0
+def v_target(x0, alphas_cumprod_t, noise):
+    """v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x0 (Salimans & Ho 2022, eq. 24, their alpha_t
+    being our sqrt(alphas_cumprod_t))."""
+    return alphas_cumprod_t.sqrt() * noise - (1 - alphas_cumprod_t).sqrt() * x0
 
 
-def x0_eps_from_v(xt, v, abar_t):
-    """x0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v: no division, so an
-    error of v stays an error of the same size in x0 even where abar_t ~ 0 (eps would be amplified 1/sqrt(abar))."""
-    return abar_t.sqrt() * xt - (1 - abar_t).sqrt() * v, (1 - abar_t).sqrt() * xt + abar_t.sqrt() * v
+def x0_eps_from_v(xt, v, alphas_cumprod_t):
+    """x0 = a x_t - b v and eps = b x_t + a v with a = sqrt(alphas_cumprod_t), b = sqrt(1 - alphas_cumprod_t): no
+    division, so an error of v stays an error of the same size in x0 even where alphas_cumprod_t ~ 0 (from eps,
+    it would be amplified by 1 / a)."""
+    a, b = alphas_cumprod_t.sqrt(), (1 - alphas_cumprod_t).sqrt()
+    return a * xt - b * v, b * xt + a * v
 
 
 # ---- model ----
@@ -239,50 +245,53 @@ class PointMLP(nn.Module):
 
 class SetDenoiser(nn.Module):
     """eps_theta (or v) for a whole set x_t (B, N, 2) with one t per set, equivariant under permutations
-    of the N points. Each point starts from its coordinates, their embeddings and, but for 'stats', an
-    EdgeConv (Wang et al. 2019: offsets to its k nearest points through an MLP, max over the k) for the
-    local geometry of the last steps. Then residual blocks in which the points meet:
-    'attn': induced set attention (Set Transformer ISAB, Lee et al. 2019): 16 learned seeds attend to
-    all points, every point attends to the seeds; 'pool': each point gets a projection of the set's
-    mean- and max-pooled features (DeepSets / PointNet); 'stats' (the seed report): a per-point MLP
-    whose input also holds the mean and variance of the noised set, and nothing else of the set."""
-    def __init__(self, mode='attn', hidden=128, layers=4, emb=32, emb_scale=25.0, k=8, edge=32):
+    of the N points. Each point starts from its coordinates, its offset from the set's centroid, their
+    embeddings and t's, then passes residual blocks in which the points meet:
+    'polar' (the default): PointNet-style pooling, not over the whole set but over 64 sectors of angle
+    around the centroid: each block averages the points' features per sector (split linearly between
+    the two nearest sector centres), runs a circular convolution along the ring of sectors (dilations
+    1, 2, 4, 8, so the last block sees the whole turn) and hands every point its sectors' result. Cheap
+    (O(N)), and it sees what makes a star: the outline's radius as a function of angle.
+    'stats' (the seed report): a per-point MLP whose input also holds the mean and variance of the noised
+    set, and nothing else of the set."""
+    def __init__(self, mode='polar', hidden=128, layers=4, emb=32, emb_scale=25.0, sectors=64):
         super().__init__()
-        self.mode, self.emb, self.scale, self.k = mode, emb, emb_scale, k
-        self.inp = nn.Linear(2 + 3 * emb + (4 if mode == 'stats' else edge), hidden)
-        self.edge = nn.Sequential(nn.Linear(2, edge), nn.GELU(), nn.Linear(edge, edge)) if mode != 'stats' else None
+        self.mode, self.emb, self.scale, self.sectors = mode, emb, emb_scale, sectors
+        self.inp = nn.Linear(6 + 3 * emb + (2 if mode == 'stats' else 0), hidden)
         self.ff = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
-        self.pool = nn.ModuleList([nn.Linear(2 * hidden, hidden) for _ in range(layers)] if mode == 'pool' else [])
-        if mode == 'attn':  # induced set attention (Lee et al. 2019, ISAB): m seeds read the set, every point reads them
-            self.seeds = nn.Parameter(torch.randn(layers, 16, hidden) * hidden ** -0.5)
-            self.norm = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(layers)])
-            self.read = nn.ModuleList([nn.MultiheadAttention(hidden, 4, batch_first=True) for _ in range(layers)])
-            self.write = nn.ModuleList([nn.MultiheadAttention(hidden, 4, batch_first=True) for _ in range(layers)])
+        if mode == 'polar':
+            self.conv = nn.ModuleList([nn.Conv1d(hidden, hidden, 5, dilation=2 ** i) for i in range(layers)])
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, t):  # x (B, N, 2), t (B,) -> (B, N, 2)
         B, N, _ = x.shape
-        flat = x.reshape(B * N, 2)
-        h = [flat, sinusoidal(flat[:, 0], self.emb, self.scale), sinusoidal(flat[:, 1], self.emb, self.scale),
-             sinusoidal(t.repeat_interleave(N), self.emb)]
+        centre = x.mean(1, keepdim=True)  # (B, 1, 2)
+        d = (x - centre).reshape(B * N, 2)
+        h = [x.reshape(B * N, 2), d, centre.expand(-1, N, -1).reshape(B * N, 2), sinusoidal(d[:, 0], self.emb, self.scale),
+             sinusoidal(d[:, 1], self.emb, self.scale), sinusoidal(t.repeat_interleave(N), self.emb)]
         if self.mode == 'stats':
-            h.append(torch.cat([x.mean(1), x.var(1)], 1).repeat_interleave(N, 0))
-        else:
-            near = torch.cdist(x, x).topk(self.k + 1, largest=False).indices[..., 1:]  # (B, N, k), self excluded
-            offsets = x[torch.arange(B, device=x.device)[:, None, None], near] - x[:, :, None]  # (B, N, k, 2)
-            h.append(self.edge(10 * offsets).amax(2).reshape(B * N, -1))
+            h.append(x.var(1).repeat_interleave(N, 0))
         h = F.gelu(self.inp(torch.cat(h, 1))).view(B, N, -1)  # (B, N, H)
+        if self.mode == 'polar':  # each point's position on the ring of sectors, and its share of the next one
+            pos = (torch.atan2(d[:, 1], d[:, 0]).view(B, N) / (2 * math.pi) + 0.5) * self.sectors
+            lo = pos.floor().long().clamp(0, self.sectors - 1)
+            w = (pos - lo)[..., None].clamp(0, 1)  # (B, N, 1)
+            lo, hi = lo[..., None].expand_as(h), ((lo + 1) % self.sectors)[..., None].expand_as(h)  # (B, N, H)
         for i, ff in enumerate(self.ff):
-            u = ff(h)
-            if self.mode == 'pool':
-                u = u + self.pool[i](torch.cat([h.mean(1), h.amax(1)], 1))[:, None]  # (B, 1, H) to every point
-            elif self.mode == 'attn':
-                hn = self.norm[i](h)
-                seeds = self.seeds[i].expand(B, -1, -1)
-                seeds = seeds + self.read[i](seeds, hn, hn, need_weights=False)[0]  # (B, m, H)
-                u = u + self.write[i](hn, seeds, seeds, need_weights=False)[0]  # (B, N, H)
+            u = ff(h) + (self.ring(h, lo, hi, w, self.conv[i]) if self.mode == 'polar' else 0)
             h = h + F.gelu(u)
         return self.out(h)
+
+    def ring(self, h, lo, hi, w, conv):
+        """Features h (B, N, H) averaged per sector, circularly convolved along the ring, read back per point."""
+        B, _, H = h.shape
+        zeros = h.new_zeros(B, self.sectors, H)
+        sums = zeros.scatter_add(1, lo, h * (1 - w)).scatter_add_(1, hi, h * w)  # (B, S, H)
+        counts = zeros[..., :1].scatter_add(1, lo[..., :1], 1 - w).scatter_add_(1, hi[..., :1], w)  # (B, S, 1)
+        g = (sums / (counts + 1e-3)).transpose(1, 2)  # (B, H, S); an empty sector reads as 0
+        pad = 2 * conv.dilation[0]
+        g = F.gelu(conv(F.pad(g, (pad, pad), mode='circular'))).transpose(1, 2)  # (B, S, H)
+        return g.gather(1, lo) * (1 - w) + g.gather(1, hi) * w
 
 
 # ---- sampling ----
@@ -293,24 +302,24 @@ def sample(model, shape, betas, steps=0, method='ddpm', sigma='beta_tilde', eta=
     mean (eq. 7) at the predicted x0, plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps` evenly
     spaced timesteps. model(x, t) takes one t per item, an (N,) long tensor, and returns eps (or v, by target).
     clip > 0 clamps the predicted x0:
-    near t = T, sqrt(abar_t) ~ 1e-4 multiplies any error of eps by 1e4 in x0 (the cosine schedule's
+    near t = T, sqrt(alphas_cumprod_t) ~ 1e-4 multiplies any error of eps by 1e4 in x0 (the cosine schedule's
     first reverse steps blow up without it). Returns x_0 and {t: x_t} for t in keep."""
-    abar = torch.cumprod(1 - betas, 0)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
     T = len(betas)
     x = torch.randn(shape, generator=generator, device=device)
     snaps = {T: x.cpu()} if T in keep else {}
     ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
     for i, t in enumerate(ts):
-        a = abar[t].float().to(device)
+        a = alphas_cumprod[t].float().to(device)
         out = model(x, torch.full(shape[:1], t, device=device, dtype=torch.long))
         x0, eps = x0_eps_from_v(x, out, a) if target == 'v' else (predict_x0(x, out, a), out)
         x0 = x0.clamp(-clip, clip) if clip > 0 else x0
         if method == 'ddpm':
-            mean, var = q_posterior_mean_var(x0, x, t, betas.float().to(device), abar.float().to(device))
+            mean, var = q_posterior_mean_var(x0, x, t, betas.float().to(device), alphas_cumprod.float().to(device))
             var = betas[t].float() if sigma == 'beta' and t > 0 else var
             x = mean + var.sqrt() * torch.randn(shape, generator=generator, device=device) if t > 0 else mean
         else:
-            a_prev = abar[ts[i + 1]].float().to(device) if i + 1 < len(ts) else torch.ones((), device=device)
+            a_prev = alphas_cumprod[ts[i + 1]].float().to(device) if i + 1 < len(ts) else torch.ones((), device=device)
             s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # eq. 16
             z = torch.randn(shape, generator=generator, device=device)
             x = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).sqrt() * eps + s * z  # eq. 12
@@ -399,29 +408,44 @@ def w1_floor(shape, n, repeats):
     return mean_se([sliced_w1(shape.draw(n), shape.draw(n), seed=i) for i in range(repeats)])
 
 
-def nearest_star(stars, train, sub=128):
-    """For each star in (K, N, 2): the symmetric Chamfer distance (mean nearest-point distance, both
-    ways, halved) to its nearest star in train (M, N, 2), and that star's index; on `sub` points of
-    each (points are in random order, so the first `sub` are a random subset)."""
+def chamfer(a, b):
+    """Symmetric Chamfer distance between point sets a (..., N, 2) and b (..., M, 2): the mean distance
+    from a point to the other set's nearest point, both ways, halved."""
+    d = torch.cdist(a, b)
+    return 0.5 * (d.min(-1).values.mean(-1) + d.min(-2).values.mean(-1))
+
+
+def nearest_star(stars, train, sub=128, top=16):
+    """For each star in (K, N, 2): the Chamfer distance to its nearest star in train (M, N, 2), and that
+    star's index. The `top` nearest on `sub` points of each (points are in random order, so the first
+    `sub` are a random subset) are shortlisted, then compared on all N points: at 128 points the
+    spacing along the outline hides how thin a star's outline is, at 1024 it doesn't."""
     dist, idx = [], []
-    for s in stars[:, :sub]:
-        d = torch.cdist(s.expand(len(train), -1, -1), train[:, :sub])  # (M, sub, sub)
-        cd = 0.5 * (d.min(2).values.mean(1) + d.min(1).values.mean(1))
-        dist.append(cd.min().item())
-        idx.append(cd.argmin().item())
+    for s in stars:
+        near = chamfer(s[:sub].expand(len(train), -1, -1), train[:, :sub]).topk(min(top, len(train)), largest=False).indices
+        full = chamfer(s.expand(len(near), -1, -1), train[near])
+        dist.append(full.min().item())
+        idx.append(near[full.argmin()].item())
     return np.array(dist), np.array(idx)
 
 
-def radial_spread(stars, bins=36):
-    """Is each set (K, N, 2) a thin outline around its centre? Per 10-degree sector around the centroid, the
-    std of the points' distance to it; the mean over sectors / the mean distance. Real stars give ~0.07,
-    points filling a square 0.34: the Chamfer distance can't tell a blob from a star, this can."""
+def radial_profile(stars, bins=36):
+    """Is each set (K, N, 2) a star's outline? In 10-degree sectors around its centroid, the points' distance
+    r to it. Spread: the std of r within a sector, averaged over sectors, over the mean r (thin outline:
+    a star 0.067, a circle with 1% jitter 0.01, a uniform disc 0.35). Tips: the std over sectors of the
+    sector's mean r, over the mean r (a star 0.18, a circle or a disc ~0). The Chamfer distance to the
+    nearest training star barely tells a ring from a star; these two can. Returns (spread, tips), (K,) each."""
     d = stars - stars.mean(1, keepdim=True)
     r, sector = d.norm(dim=2), ((torch.atan2(d[..., 1], d[..., 0]) / math.pi + 1) / 2 * bins).long().clamp(max=bins - 1)
-    per = lambda v: torch.zeros(len(stars), bins).scatter_add_(1, sector, v)  # (K, bins) sums
-    count = per(torch.ones_like(r)).clamp(min=1)
-    std = (per(r ** 2) / count - (per(r) / count) ** 2).clamp(min=0).sqrt()
-    return (std.mean(1) / r.mean(1)).numpy()
+    count = torch.zeros(len(stars), bins).scatter_add_(1, sector, torch.ones_like(r)).clamp(min=1)
+    per = lambda v: torch.zeros(len(stars), bins).scatter_add_(1, sector, v) / count  # (K, bins) sector means
+    mean_r, spread = per(r), (per(r ** 2) - per(r) ** 2).clamp(min=0).sqrt()
+    return (spread.mean(1) / r.mean(1)).numpy(), (mean_r.std(1) / r.mean(1)).numpy()
+
+
+def profile_line(stars):
+    spread, tips = radial_profile(stars)
+    return 'radial spread %.3f +- %.3f | tips %.3f +- %.3f' % (*mean_se(spread), *mean_se(tips))
 
 
 def sample_items(model, c, shape, betas, dev, generator):
@@ -471,7 +495,7 @@ def train(c, dev, out):
     n, epochs, batch = (c[k] or v for k, v in zip(('points', 'epochs', 'batch_size'), DEFAULTS[c['dataset']]))
     data = source.draw(n).to(dev)
     betas = make_betas(c)
-    abar = torch.cumprod(1 - betas, 0).float().to(dev)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
     model, ema = make_model(c).to(dev), make_model(c).to(dev).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     steps_per_epoch = math.ceil(len(data) / batch)
@@ -479,8 +503,8 @@ def train(c, dev, out):
     opt = torch.optim.Adam(model.parameters(), lr=c['lr'])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     name = f"set model '{c['set_model']}'" if stars else f"{c['arch']} MLP"
-    print(f"data {c['dataset']}: {tuple(data.shape)} | schedule {c['schedule']}, T {len(betas)}, abar_T {abar[-1]:.1e} | "
-          f"predicts {c['target']} | "
+    print(f"data {c['dataset']}: {tuple(data.shape)} | schedule {c['schedule']}, T {len(betas)}, "
+          f"alphas_cumprod_T {alphas_cumprod[-1]:.1e} | predicts {c['target']} | "
           f"{name}, {sum(p.numel() for p in model.parameters()):,} parameters | {epochs} epochs of {steps_per_epoch} steps, "
           f"batch {batch}")
     g = torch.Generator(dev).manual_seed(c['seed'])
@@ -490,7 +514,7 @@ def train(c, dev, out):
         floor, floor_se = mean_se(fresh[0])
         print(f"eval | reference: {c['eval_stars']} fresh real stars: Chamfer to the nearest training star {floor:.4f} +- "
               f"{floor_se:.4f} | {len(set(fresh[1]))} distinct nearest training stars | "
-              f"radial spread %.3f +- %.3f" % mean_se(radial_spread(real)))
+              f"{profile_line(real)}")
         marks = [epochs]
     else:
         floor, floor_se = w1_floor(source, c['eval_points'], 4 * c['eval_repeats'])
@@ -503,9 +527,9 @@ def train(c, dev, out):
             x0 = data[idx]
             t = torch.randint(0, len(betas), (len(x0),), generator=g, device=dev)
             noise = torch.randn(x0.shape, generator=g, device=dev)
-            abar_t = abar[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1) or (B, 1, 1)
-            want = noise if c['target'] == 'eps' else v_target(x0, abar_t, noise)
-            loss = F.mse_loss(model(q_sample(x0, abar_t, noise), t), want)
+            alphas_cumprod_t = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1) or (B, 1, 1)
+            want = noise if c['target'] == 'eps' else v_target(x0, alphas_cumprod_t, noise)
+            loss = F.mse_loss(model(q_sample(x0, alphas_cumprod_t, noise), t), want)
             if not torch.isfinite(loss):
                 raise SystemExit(f'ddpm_points.py: loss is {loss.item()} at step {step}; try a lower --lr')
             opt.zero_grad(set_to_none=True)
@@ -535,7 +559,8 @@ def train(c, dev, out):
     os.replace(path + '.tmp', path)
     if stars:
         print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars among {len(x)} generated | '
-              'radial spread %.3f +- %.3f' % mean_se(radial_spread(x)))
+              f'{profile_line(x)}')
+        np.savez(os.path.join(out, 'samples.npz'), stars=x.numpy())  # for outside evaluation
         plot_stars(out, data.cpu(), x)
     else:
         plot_shape(out, c, source, betas, ema, snaps, curve, dev, g)
@@ -561,11 +586,11 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     T, x0 = len(betas), shape.draw(c['eval_points'])
-    abar = torch.cumprod(1 - betas, 0).float()
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
     kw = dict(s=1, alpha=0.5)
     fig, ax = plt.subplots(1, 6, figsize=(18, 3.3))
     for a, t in zip(ax, [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]):
-        a.scatter(*q_sample(x0, abar[t], torch.randn(x0.shape)).T, **kw)
+        a.scatter(*q_sample(x0, alphas_cumprod[t], torch.randn(x0.shape)).T, **kw)
         a.set(title=f'forward q(x_t | x_0), t = {t + 1}', xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'forward.png'), dpi=80)

@@ -25,24 +25,24 @@ DATA = {'gauss': (f64(1.0), f64(3.0), f64(0.5)), 'mixture': (f64(0.7, 0.3), f64(
 def np_schedule():
     """betas, alphas_cumprod indexed by t = 0..T, built with plain float loops (beta_0 = 0)."""
     betas = [0.0] + [BETA_START + (BETA_END - BETA_START) * i / (T - 1) for i in range(T)]
-    abar, prod = [], 1.0
+    alphas_cumprod, prod = [], 1.0
     for b in betas:
         prod *= 1 - b
-        abar.append(prod)
-    return np.array(betas), np.array(abar)
+        alphas_cumprod.append(prod)
+    return np.array(betas), np.array(alphas_cumprod)
 
 
 def torch_schedule():
     betas = d.linear_betas(T, BETA_START, BETA_END)
-    return betas, d.alphas_cumprod(betas)
+    return betas, torch.cumprod(1 - betas, 0)
 
 
 def true_marginals(w, m, p):
     """(T+1,) mean, std and fourth central moment of the mixture q(x_t), from the component moments."""
-    _, abar = np_schedule()
+    _, alphas_cumprod = np_schedule()
     w, m, p = w.numpy(), m.numpy(), p.numpy()
-    mean_k = np.sqrt(abar)[:, None] * m
-    var_k = abar[:, None] * p ** 2 + 1 - abar[:, None]
+    mean_k = np.sqrt(alphas_cumprod)[:, None] * m
+    var_k = alphas_cumprod[:, None] * p ** 2 + 1 - alphas_cumprod[:, None]
     mean = (w * mean_k).sum(1)
     dev = mean_k - mean[:, None]
     var = (w * (var_k + dev ** 2)).sum(1)
@@ -60,23 +60,23 @@ def assert_moments(stats, mean, std, mu4, n):
 
 
 def test_schedule_matches_float_loop():
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     nb, na = np_schedule()
     np.testing.assert_allclose(betas.numpy(), nb, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(abar.numpy(), na, rtol=1e-13)
-    assert abar[0] == 1 and betas[1] == BETA_START and betas[T] == BETA_END
+    np.testing.assert_allclose(alphas_cumprod.numpy(), na, rtol=1e-13)
+    assert alphas_cumprod[0] == 1 and betas[1] == BETA_START and betas[T] == BETA_END
 
 
 def test_q_sample_equals_iterated_chain():
     """Iterating q(x_t|x_{t-1}) from a point x0 gives mean_t = sqrt(alpha_t) mean_{t-1} and
     var_t = alpha_t var_{t-1} + beta_t; the closed form q(x_t|x0) must give the same at every t."""
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     x0, mean, var = 1.7, 1.7, 0.0
     for t in range(1, T + 1):
         a = 1 - betas[t].item()
         mean, var = math.sqrt(a) * mean, a * var + betas[t].item()
         # q_sample is affine in the noise, so its values at noise -1 and +1 give its mean and std exactly
-        lo, hi = d.q_sample(f64(x0), abar[t], f64(-1.0)).item(), d.q_sample(f64(x0), abar[t], f64(1.0)).item()
+        lo, hi = d.q_sample(f64(x0), alphas_cumprod[t], f64(-1.0)).item(), d.q_sample(f64(x0), alphas_cumprod[t], f64(1.0)).item()
         assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-12, abs_tol=1e-15)
         assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-12)
 
@@ -84,10 +84,10 @@ def test_q_sample_equals_iterated_chain():
 @pytest.mark.parametrize('t', [1, 2, 25, T])
 def test_posterior_equals_joint_gaussian_conditioning(t):
     """q(x_{t-1}|x_t, x0) from conditioning the joint Gaussian of (x_{t-1}, x_t) given x0."""
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     nb, na = np_schedule()
     x0, xt = f64(-0.4, 2.0, 3.1), f64(0.3, -1.2, 2.2)
-    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, abar)
+    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod)
     var_prev, var_t = 1 - na[t - 1], 1 - na[t]
     cov = math.sqrt(1 - nb[t]) * var_prev
     want_mean = math.sqrt(na[t - 1]) * x0.numpy() + cov / var_t * (xt.numpy() - math.sqrt(na[t]) * x0.numpy())
@@ -111,14 +111,14 @@ def test_true_reverse_kernel_is_bayes_rule(name):
     """Per component: prior N(m_{t-1}, s_{t-1}^2) times likelihood N(x_t; sqrt(alpha_t) x, beta_t),
     multiplied out in precision form (independent of the covariance form the script uses)."""
     w, m, p = DATA[name]
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     x = f64(-2.0, 0.1, 3.3)
     for t in (1, 7, T):
-        mean, var = d.true_reverse_mean_var(x, t, betas, abar, m, p)
+        mean, var = d.true_reverse_mean_var(x, t, betas, alphas_cumprod, m, p)
         a, b = 1 - betas[t].item(), betas[t].item()
         for k in range(len(w)):
-            mu_prev = math.sqrt(abar[t - 1].item()) * m[k].item()
-            v_prev = abar[t - 1].item() * p[k].item() ** 2 + 1 - abar[t - 1].item()
+            mu_prev = math.sqrt(alphas_cumprod[t - 1].item()) * m[k].item()
+            v_prev = alphas_cumprod[t - 1].item() * p[k].item() ** 2 + 1 - alphas_cumprod[t - 1].item()
             prec = 1 / v_prev + a / b
             np.testing.assert_allclose(var[k].item(), 1 / prec, rtol=1e-12)
             np.testing.assert_allclose(mean[:, k].numpy(), (mu_prev / v_prev + math.sqrt(a) * x.numpy() / b) / prec, rtol=1e-12)
@@ -128,13 +128,13 @@ def test_exact_kernel_moments_propagate_exactly():
     """Gaussian data: the exact reverse chain is linear-Gaussian, so its moments follow a recursion;
     from q(x_T) it must land on q(x_t) at every t, to rounding."""
     w, m, p = DATA['gauss']
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     mean, std, _ = true_marginals(w, m, p)
     a, v = mean[T], std[T] ** 2
     for t in range(T, 0, -1):
         # x_{t-1} = c + gain * x_t + sqrt(var) z; the kernel's mean at x = 0 and x = 1 gives c and gain
-        (c0,), (c1,) = d.true_reverse_mean_var(f64(0.0, 1.0), t, betas, abar, m, p)[0].tolist()
-        var = d.true_reverse_mean_var(f64(0.0), t, betas, abar, m, p)[1].item()
+        (c0,), (c1,) = d.true_reverse_mean_var(f64(0.0, 1.0), t, betas, alphas_cumprod, m, p)[0].tolist()
+        var = d.true_reverse_mean_var(f64(0.0), t, betas, alphas_cumprod, m, p)[1].item()
         a, v = c0 + (c1 - c0) * a, (c1 - c0) ** 2 * v + var
         assert math.isclose(a, mean[t - 1], rel_tol=1e-10) and math.isclose(v, std[t - 1] ** 2, rel_tol=1e-10)
 
@@ -142,10 +142,10 @@ def test_exact_kernel_moments_propagate_exactly():
 @pytest.mark.parametrize('name', DATA)
 def test_exact_sampler_reproduces_every_marginal(name):
     w, m, p = DATA[name]
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     n, g = 200_000, torch.Generator().manual_seed(2)
-    x_T = d.sample_marginal(n, abar[T], w, m, p, g)
-    x0, stats, _ = d.run_chain(d.exact_step(betas, abar, w, m, p, g), x_T, range(T, 0, -1), 0)
+    x_T = d.sample_marginal(n, alphas_cumprod[T], w, m, p, g)
+    x0, stats, _ = d.run_chain(d.exact_step(betas, alphas_cumprod, w, m, p, g), x_T, range(T, 0, -1), 0)
     assert_moments(stats.flip(0), *true_marginals(w, m, p), n)
     assert d.ks_distance(x0, w, m, p) < 1.95 / math.sqrt(n)  # the KS test's 0.1% critical value
 
@@ -171,10 +171,10 @@ def test_report_kernel_drifts_by_its_closed_form():
     drift = np.abs(rec[:, 1] - std)
     assert drift.max() > 0.5 and drift.argmax() not in (0, T)  # std off by half the data's scale mid-chain
 
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     n, g = 200_000, torch.Generator().manual_seed(3)
-    x_T = d.sample_marginal(n, abar[T], w, m, p, g)
-    _, stats, _ = d.run_chain(d.report_step(betas, abar, m, p ** 2, g), x_T, range(T, 0, -1), 0)
+    x_T = d.sample_marginal(n, alphas_cumprod[T], w, m, p, g)
+    _, stats, _ = d.run_chain(d.report_step(betas, alphas_cumprod, m, p ** 2, g), x_T, range(T, 0, -1), 0)
     assert_moments(stats.flip(0), rec[:, 0], rec[:, 1], 3 * rec[:, 1] ** 4, n)  # Gaussian: mu4 = 3 s^4
 
 
@@ -184,17 +184,17 @@ def test_eps_star_is_the_regression_of_eps_on_xt(name, t):
     """E[eps - eps*(x_t) | x_t in bin] = 0 for every bin of x_t: a Monte Carlo regression of eps on x_t,
     compared bin by bin, each within Z standard errors of its bin mean."""
     w, m, p = DATA[name]
-    _, abar = torch_schedule()
+    _, alphas_cumprod = torch_schedule()
     n, g = 400_000, torch.Generator().manual_seed(4)
-    x0 = d.sample_marginal(n, abar[0], w, m, p, g)
+    x0 = d.sample_marginal(n, alphas_cumprod[0], w, m, p, g)
     eps = torch.randn(n, generator=g, dtype=torch.float64)
-    xt = d.q_sample(x0, abar[t], eps)
-    resid = (eps - d.eps_star(xt, abar[t], w, m, p))[xt.argsort()].numpy()
+    xt = d.q_sample(x0, alphas_cumprod[t], eps)
+    resid = (eps - d.eps_star(xt, alphas_cumprod[t], w, m, p))[xt.argsort()].numpy()
     for b in np.array_split(resid, 40):
         assert abs(b.mean()) < Z * b.std() / math.sqrt(len(b))
-    if name == 'gauss':  # and what is left is Var[eps | x_t] = 1 - (1 - abar_t) / s_t^2, whose se is var sqrt(2/n)
-        s2 = abar[t].item() * p.item() ** 2 + 1 - abar[t].item()
-        want = 1 - (1 - abar[t].item()) / s2
+    if name == 'gauss':  # and what is left is Var[eps | x_t] = 1 - (1 - alphas_cumprod_t) / s_t^2, whose se is var sqrt(2/n)
+        s2 = alphas_cumprod[t].item() * p.item() ** 2 + 1 - alphas_cumprod[t].item()
+        want = 1 - (1 - alphas_cumprod[t].item()) / s2
         assert abs(resid.var() - want) < Z * want * math.sqrt(2 / n)
 
 
@@ -202,13 +202,14 @@ def test_eps_star_is_the_regression_of_eps_on_xt(name, t):
 def test_ddpm_mean_with_eps_star_is_the_exact_reverse_mean(name):
     """Eq. 11 at eps* equals E[x_{t-1} | x_t] = sum_k r_k(x_t) E_k[x_{t-1} | x_t]."""
     w, m, p = DATA[name]
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     x = torch.linspace(-4, 5, 37, dtype=torch.float64)
     for t in (1, 5, T):
-        mean_k, _ = d.true_reverse_mean_var(x, t, betas, abar, m, p)
-        exact = (d.responsibilities(x, abar[t], w, m, p) * mean_k).sum(1)
-        np.testing.assert_allclose(d.p_mean_from_eps(x, d.eps_star(x, abar[t], w, m, p), t, betas, abar).numpy(),
-                                   exact.numpy(), rtol=1e-10, atol=1e-12)
+        mean_k, _ = d.true_reverse_mean_var(x, t, betas, alphas_cumprod, m, p)
+        exact = (d.responsibilities(x, alphas_cumprod[t], w, m, p) * mean_k).sum(1)
+        eps = d.eps_star(x, alphas_cumprod[t], w, m, p)
+        np.testing.assert_allclose(d.p_mean_from_eps(x, eps, t, betas, alphas_cumprod).numpy(), exact.numpy(),
+                                   rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('sigma, x0_std', [('beta', 0.497), ('beta_tilde', 0.440)])
@@ -231,11 +232,11 @@ def test_ddpm_sampler_with_eps_star_follows_its_recursion(sigma, x0_std):
     rec[:, 1] = np.sqrt(rec[:, 1])
     assert round(rec[0, 1], 3) == x0_std
 
-    betas, abar = torch_schedule()
+    betas, alphas_cumprod = torch_schedule()
     n, g = 200_000, torch.Generator().manual_seed(6)
-    star = lambda x, t: d.eps_star(x, abar[t], w, m, p)  # noqa: E731
-    _, stats, _ = d.run_chain(d.ddpm_step(star, betas, abar, sigma, g), torch.randn(n, generator=g, dtype=torch.float64),
-                              range(T, 0, -1), 0)
+    star = lambda x, t: d.eps_star(x, alphas_cumprod[t], w, m, p)  # noqa: E731
+    x_T = torch.randn(n, generator=g, dtype=torch.float64)
+    _, stats, _ = d.run_chain(d.ddpm_step(star, betas, alphas_cumprod, sigma, g), x_T, range(T, 0, -1), 0)
     assert_moments(stats.flip(0), rec[:, 0], rec[:, 1], 3 * rec[:, 1] ** 4, n)
 
 

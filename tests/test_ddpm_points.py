@@ -23,13 +23,13 @@ def test_q_sample_equals_iterated_chain(name):
     """mean_t = sqrt(1 - beta_t) mean_{t-1}, var_t = (1 - beta_t) var_{t-1} + beta_t from (x0, 0);
     q_sample is affine in the noise, so its values at noise -1 and +1 give its mean and std."""
     betas = schedules()[name]
-    abar = torch.cumprod(1 - betas, 0)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
     x0, mean, var = 0.8, 0.8, 0.0
     for t in range(T):
         b = betas[t].item()
         mean, var = math.sqrt(1 - b) * mean, (1 - b) * var + b
-        lo, hi = (d.q_sample(torch.tensor(x0, dtype=torch.float64), abar[t], torch.tensor(z, dtype=torch.float64)).item()
-                  for z in (-1.0, 1.0))
+        x0_t = torch.tensor(x0, dtype=torch.float64)
+        lo, hi = (d.q_sample(x0_t, alphas_cumprod[t], torch.tensor(z, dtype=torch.float64)).item() for z in (-1.0, 1.0))
         assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-10, abs_tol=1e-14)
         assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-10)
 
@@ -37,30 +37,30 @@ def test_q_sample_equals_iterated_chain(name):
 @pytest.mark.parametrize('t', [0, 1, 100, T - 1])
 def test_posterior_equals_joint_gaussian_conditioning(t):
     betas = d.cosine_betas(T)
-    abar = torch.cumprod(1 - betas, 0)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
     x0, xt = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([1.1, 0.4], dtype=torch.float64)
-    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, abar)
-    ap = abar[t - 1].item() if t > 0 else 1.0
+    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod)
+    ap = alphas_cumprod[t - 1].item() if t > 0 else 1.0
     cov = math.sqrt(1 - betas[t].item()) * (1 - ap)  # Cov(x_{t-1}, x_t | x0)
-    want = math.sqrt(ap) * x0 + cov / (1 - abar[t].item()) * (xt - math.sqrt(abar[t].item()) * x0)
+    want = math.sqrt(ap) * x0 + cov / (1 - alphas_cumprod[t].item()) * (xt - math.sqrt(alphas_cumprod[t].item()) * x0)
     np.testing.assert_allclose(mean.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
-    assert math.isclose(var.item(), (1 - ap) - cov ** 2 / (1 - abar[t].item()), rel_tol=1e-9, abs_tol=1e-15)
+    assert math.isclose(var.item(), (1 - ap) - cov ** 2 / (1 - alphas_cumprod[t].item()), rel_tol=1e-9, abs_tol=1e-15)
 
 
 def test_predict_x0_inverts_q_sample():
-    abar = torch.cumprod(1 - d.cosine_betas(T), 0)[:-1]  # abar_T = 0 has no inverse
-    x0, eps = torch.randn(len(abar), 2, dtype=torch.float64), torch.randn(len(abar), 2, dtype=torch.float64)
-    a = abar[:, None]
+    alphas_cumprod = torch.cumprod(1 - d.cosine_betas(T), 0)[:-1]  # alphas_cumprod_T = 0 has no inverse
+    x0, eps = torch.randn(len(alphas_cumprod), 2, dtype=torch.float64), torch.randn(len(alphas_cumprod), 2, dtype=torch.float64)
+    a = alphas_cumprod[:, None]
     np.testing.assert_allclose(d.predict_x0(d.q_sample(x0, a, eps), eps, a).numpy(), x0.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_cosine_schedule_endpoints_monotone_and_clipped():
-    abar = d.cosine_alphas_cumprod(T)
-    assert abar[0] == 1 and abar[-1] < 1e-30 and (abar[1:] < abar[:-1]).all()
+    alphas_cumprod = d.cosine_alphas_cumprod(T)
+    assert alphas_cumprod[0] == 1 and alphas_cumprod[-1] < 1e-30 and (alphas_cumprod[1:] < alphas_cumprod[:-1]).all()
     betas = d.cosine_betas(T)
     assert (betas > 0).all() and betas.max() == 0.999 and (betas[:-1] < 0.999).all()  # only the last step is clipped
     assert (betas[1:] >= betas[:-1]).all()  # increasing
-    np.testing.assert_allclose(torch.cumprod(1 - betas, 0)[:-1].numpy(), abar[1:-1].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0)[:-1].numpy(), alphas_cumprod[1:-1].numpy(), rtol=1e-10)
 
 
 MU = torch.tensor([0.7, -0.4])
@@ -69,10 +69,10 @@ COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]])
 
 def eps_star_fn(betas):
     """Exact E[eps | x_t] for x0 ~ N(MU, COV): sqrt(1 - a) (a COV + (1 - a) I)^-1 (x_t - sqrt(a) MU)."""
-    abar = torch.cumprod(1 - betas, 0).float()
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
 
     def eps(x, t):
-        a = abar[t[0]]
+        a = alphas_cumprod[t[0]]
         prec = torch.linalg.inv(a * COV + (1 - a) * torch.eye(2))
         return (1 - a).sqrt() * (x - a.sqrt() * MU) @ prec.T
     return eps
@@ -82,22 +82,22 @@ def sampler_moments(betas, steps, method, sigma):
     """The exact output law of the discretised sampler driven by eps*: with Gaussian data every step
     is affine, x' = A x + b + s z, so from x_T ~ N(0, I) the mean and covariance follow exactly (float64)."""
     betas = betas.double()
-    abar, eye, mu, cov = torch.cumprod(1 - betas, 0), torch.eye(2, dtype=torch.float64), MU.double(), COV.double()
+    alphas_cumprod, eye, mu, cov = torch.cumprod(1 - betas, 0), torch.eye(2, dtype=torch.float64), MU.double(), COV.double()
     m, C = torch.zeros(2, dtype=torch.float64), eye.clone()
     T = len(betas)
     ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps).round().long().tolist()
     for i, t in enumerate(ts):
-        a = abar[t]
+        a = alphas_cumprod[t]
         P = torch.linalg.inv(a * cov + (1 - a) * eye)
         Me, be = (1 - a).sqrt() * P, -(1 - a).sqrt() * a.sqrt() * P @ mu  # eps*(x) = Me x + be
         A0, b0 = (eye - (1 - a).sqrt() * Me) / a.sqrt(), -(1 - a).sqrt() * be / a.sqrt()  # x0_hat = A0 x + b0 (eq. 4 inverted)
         if method == 'ddpm':
-            ap = abar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+            ap = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
             c0, ct = ap.sqrt() * betas[t] / (1 - a), (1 - betas[t]).sqrt() * (1 - ap) / (1 - a)  # eq. 7
             A, b = c0 * A0 + ct * eye, c0 * b0
             s2 = 0.0 if t == 0 else (betas[t] if sigma == 'beta' else (1 - ap) / (1 - a) * betas[t])
         else:  # DDIM, eta = 0 (Song et al. eq. 12)
-            ap = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            ap = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
             A, b, s2 = ap.sqrt() * A0 + (1 - ap).sqrt() * Me, ap.sqrt() * b0 + (1 - ap).sqrt() * be, 0.0
         m, C = A @ m + b, A @ C @ A.T + s2 * eye
     return m.float(), C.float()
@@ -130,7 +130,7 @@ def test_cosine_sampler_with_exact_eps_matches_its_exact_moments(method, sigma, 
 
 def test_v_target_round_trip():
     """v = sqrt(a) eps - sqrt(1 - a) x0 and x_t = sqrt(a) x0 + sqrt(1 - a) eps give back x0 and eps, for every a
-    including abar_T = 0 of the unclipped cosine schedule, where inverting eq. 4 from eps divides by zero."""
+    including alphas_cumprod_T = 0 of the unclipped cosine schedule, where inverting eq. 4 from eps divides by zero."""
     a = torch.cat([d.cosine_alphas_cumprod(T)[1:], torch.zeros(1, dtype=torch.float64)])[:, None]
     x0, eps = torch.randn(len(a), 2, dtype=torch.float64), torch.randn(len(a), 2, dtype=torch.float64)
     got_x0, got_eps = d.x0_eps_from_v(d.q_sample(x0, a, eps), d.v_target(x0, a, eps), a)
@@ -141,10 +141,10 @@ def test_v_target_round_trip():
 def v_star_fn(betas):
     """Exact v* = sqrt(a) eps* - sqrt(1 - a) E[x0 | x_t],
     E[x0 | x_t] = MU + sqrt(a) COV (a COV + (1 - a) I)^-1 (x_t - sqrt(a) MU)."""
-    abar, eps_star = torch.cumprod(1 - betas, 0).float(), eps_star_fn(betas)
+    alphas_cumprod, eps_star = torch.cumprod(1 - betas, 0).float(), eps_star_fn(betas)
 
     def v(x, t):
-        a = abar[t[0]]
+        a = alphas_cumprod[t[0]]
         x0 = MU + a.sqrt() * (x - a.sqrt() * MU) @ (COV @ torch.linalg.inv(a * COV + (1 - a) * torch.eye(2))).T
         return a.sqrt() * eps_star(x, t) - (1 - a).sqrt() * x0
     return v
@@ -160,11 +160,11 @@ def test_v_sampler_is_the_eps_sampler(method):
 
 
 def test_linear_schedule_of_the_report_leaves_signal_at_T():
-    """beta 1e-4..0.02 over T = 200: abar_T = e^-2 of the data is left at t = T, so N(0, I) is not q(x_T).
-    The script prints abar_T; cosine reaches 0."""
-    abar_T = torch.cumprod(1 - d.linear_betas(T, 1e-4, 0.02), 0)[-1].item()
-    assert math.isclose(abar_T, math.exp(-sum(1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T))), rel_tol=0.02)
-    assert abar_T > 0.1
+    """beta 1e-4..0.02 over T = 200: alphas_cumprod_T = e^-2 of the data is left at t = T, so N(0, I) is not q(x_T).
+    The script prints alphas_cumprod_T; cosine reaches 0."""
+    alphas_cumprod_T = torch.cumprod(1 - d.linear_betas(T, 1e-4, 0.02), 0)[-1].item()
+    assert math.isclose(alphas_cumprod_T, math.exp(-sum(1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T))), rel_tol=0.02)
+    assert alphas_cumprod_T > 0.1
 
 
 def test_sliced_w1_zero_symmetric_and_scales_with_a_shift():
@@ -178,7 +178,7 @@ def test_sliced_w1_zero_symmetric_and_scales_with_a_shift():
     assert abs(want - 0.5 * 2 / math.pi) < 0.05
 
 
-@pytest.mark.parametrize('mode', ['attn', 'pool', 'stats'])
+@pytest.mark.parametrize('mode', ['polar', 'stats'])
 def test_set_model_is_permutation_equivariant(mode):
     torch.manual_seed(0)
     model = d.SetDenoiser(mode, hidden=32, layers=2)
@@ -207,19 +207,22 @@ def test_nearest_star_finds_a_permuted_copy():
     assert d.nearest_star(train[:2], train[2:], sub=256)[0].min() > 0.05  # distinct stars are far apart
 
 
-def test_radial_spread_of_a_disc_a_circle_and_stars():
-    """A uniform disc has radius density 2r on [0, 1] in every sector: std sqrt(1/2 - 4/9), mean 2/3, so
-    0.354; 40 discs of 4096 points put the mean within ~0.003 (sector std over ~114 points, 36 sectors).
-    A circle of radius 1 with N(0, 0.01^2) jitter gives 0.01. Real stars, where the outline crosses
-    each sector, lie in between and far below the disc."""
+def test_radial_profile_of_a_disc_a_circle_and_stars():
+    """A uniform disc has radius density 2r on [0, 1] in every sector: std sqrt(1/2 - 4/9), mean 2/3, so a
+    spread of 0.354; 40 discs of 4096 points put the mean within ~0.003 (sector std over ~114 points, 36
+    sectors). Its tips figure is the sampling noise of a sector's mean r: sqrt((1/18) / 114) / (2/3) = 0.033.
+    A circle of radius 1 with N(0, 0.01^2) jitter: spread 0.01; tips only from the centroid's offset from
+    the centre, ~sqrt(1 / 2 / 4096) = 0.011 cos(angle), so ~0.008. Real stars lie in between for the spread,
+    far above both for the tips."""
     g = torch.Generator().manual_seed(0)
     r, a = torch.rand(40, 4096, generator=g).sqrt(), torch.rand(40, 4096, generator=g) * 2 * math.pi
-    disc = torch.stack([r * a.cos(), r * a.sin()], 2)
-    want = math.sqrt(0.5 - 4 / 9) / (2 / 3)
-    assert abs(d.radial_spread(disc).mean() - want) < 0.01, d.radial_spread(disc).mean()
-    circle = torch.stack([a.cos(), a.sin()], 2) + 0.01 * torch.randn(40, 4096, 2, generator=g)
-    assert abs(d.radial_spread(circle).mean() - 0.01) < 0.002
-    assert 0.03 < d.radial_spread(d.Stars(1024).draw(32)).mean() < 0.12
+    spread, tips = d.radial_profile(torch.stack([r * a.cos(), r * a.sin()], 2))
+    assert abs(spread.mean() - math.sqrt(0.5 - 4 / 9) / (2 / 3)) < 0.01, spread.mean()
+    assert abs(tips.mean() - math.sqrt(1 / 18 / (4096 / 36)) / (2 / 3)) < 0.01, tips.mean()
+    spread, tips = d.radial_profile(torch.stack([a.cos(), a.sin()], 2) + 0.01 * torch.randn(40, 4096, 2, generator=g))
+    assert abs(spread.mean() - 0.01) < 0.002 and tips.mean() < 0.015
+    spread, tips = d.radial_profile(d.Stars(1024).draw(32))
+    assert 0.03 < spread.mean() < 0.12 and tips.mean() > 0.1
 
 
 def test_main_shape_run(tmp_path, capsys):
@@ -240,8 +243,10 @@ def test_main_stars_run(tmp_path, capsys):
     d.main(['--dataset', 'stars', '--points', '8', '--star-points', '64', '--batch-size', '256', '--epochs', '1',
             '--timesteps', '10', '--eval-stars', '4', '--out-dir', str(tmp_path)])
     out = capsys.readouterr().out
-    assert 'x real stars' in out and 'distinct nearest training stars' in out and out.count('radial spread') == 2
-    assert (tmp_path / 'stars' / 'stars.png').exists()
+    assert 'x real stars' in out and 'distinct nearest training stars' in out
+    assert out.count('radial spread') == 2 and out.count('| tips') == 2  # real stars, then generated ones
+    run = tmp_path / 'stars'
+    assert (run / 'stars.png').exists() and np.load(run / 'samples.npz')['stars'].shape == (4, 64, 2)
 
 
 @pytest.mark.parametrize('flags, says', [
