@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from closed_form import check_posterior_is_bayes
 
 import ddpm_points as d
 
@@ -36,15 +37,7 @@ def test_q_sample_equals_iterated_chain(name):
 
 @pytest.mark.parametrize('t', [0, 1, 100, T - 1])
 def test_posterior_equals_joint_gaussian_conditioning(t):
-    betas = d.cosine_betas(T)
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    x0, xt = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([1.1, 0.4], dtype=torch.float64)
-    mean, var = d.q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod)
-    ap = alphas_cumprod[t - 1].item() if t > 0 else 1.0
-    cov = math.sqrt(1 - betas[t].item()) * (1 - ap)  # Cov(x_{t-1}, x_t | x0)
-    want = math.sqrt(ap) * x0 + cov / (1 - alphas_cumprod[t].item()) * (xt - math.sqrt(alphas_cumprod[t].item()) * x0)
-    np.testing.assert_allclose(mean.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
-    assert math.isclose(var.item(), (1 - ap) - cov ** 2 / (1 - alphas_cumprod[t].item()), rel_tol=1e-9, abs_tol=1e-15)
+    check_posterior_is_bayes(d, d.cosine_betas(T), t)
 
 
 def test_predict_x0_inverts_q_sample():

@@ -1,0 +1,312 @@
+"""ddpm_mnist.py: the schedule, posterior, ELBO terms and samplers against independent float64 math, the
+U-Net's shapes, and tiny CPU runs of main() on a few hundred synthetic digits written in MNIST's own
+file format (so torchvision's loader runs): checkpoint, exact resume after SIGKILL, Ctrl-C, DDP, bad input.
+Monte Carlo checks allow Z standard errors computed from the sample size."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from closed_form import check_posterior_is_bayes
+
+import ddpm_mnist as d
+
+Z = 5
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear'])
+def test_q_sample_equals_iterated_chain(schedule):
+    """mean_t = sqrt(1 - beta_t) mean_{t-1}, var_t = (1 - beta_t) var_{t-1} + beta_t from (x0, 0)."""
+    betas = d.make_betas(d.get_config(['--schedule', schedule, '--timesteps', '300']))
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    x0, mean, var = torch.tensor(0.6, dtype=torch.float64), 0.6, 0.0
+    for t in range(len(betas)):
+        b = betas[t].item()
+        mean, var = math.sqrt(1 - b) * mean, (1 - b) * var + b
+        lo, hi = (d.q_sample(x0, alphas_cumprod[t], torch.tensor(z, dtype=torch.float64)).item() for z in (-1.0, 1.0))
+        assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-10, abs_tol=1e-14)
+        assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize('t', [0, 1, 500, 999])
+def test_posterior_is_bayes(t):
+    """q(x_{t-1} | x_t, x0) from conditioning the joint Gaussian of (x_{t-1}, x_t) given x0."""
+    check_posterior_is_bayes(d, d.cosine_betas(1000), t)
+
+
+def test_cosine_schedule_identities():
+    """abar(0) = 1, abar(T) = 0, decreasing; the betas reproduce abar until the clip at 0.999 (only near T)."""
+    T = 1000
+    alphas_cumprod, betas = d.cosine_alphas_cumprod(T), d.cosine_betas(T)
+    assert alphas_cumprod[0] == 1 and alphas_cumprod[-1] < 1e-30 and (alphas_cumprod[1:] < alphas_cumprod[:-1]).all()
+    assert betas.max() == 0.999 and (betas[:-1] < 0.999).all() and (betas > 0).all()
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0)[:-1].numpy(), alphas_cumprod[1:-1].numpy(), rtol=1e-10)
+
+
+def test_v_and_eps_outputs_give_the_same_x0():
+    alphas_cumprod = torch.cumprod(1 - d.cosine_betas(100), 0)[:-1, None]
+    x0, eps = torch.randn(99, 3, dtype=torch.float64), torch.randn(99, 3, dtype=torch.float64)
+    xt, v = d.q_sample(x0, alphas_cumprod, eps), alphas_cumprod.sqrt() * eps - (1 - alphas_cumprod).sqrt() * x0
+    for out, pred in ((eps, 'eps'), (v, 'v')):
+        got_x0, got_eps = d.x0_eps_from_output(xt, out, alphas_cumprod, pred)
+        np.testing.assert_allclose(got_x0.numpy(), x0.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got_eps.numpy(), eps.numpy(), atol=1e-9)
+
+
+def test_ddim_with_eta_1_on_all_steps_is_ddpm():
+    """Song et al.: eta = 1 on the full schedule gives sigma_t^2 = beta_tilde_t and the posterior mean, so
+    with the same noise the two samplers walk the same path."""
+    betas = d.cosine_betas(50)
+    model = lambda x, t: torch.tanh(x) * (1 + t[:, None, None, None] / 50)  # any deterministic eps_theta
+    a = d.sample(model, (4, 1, 28, 28), betas, 0, 'ddpm', 'beta_tilde', generator=torch.Generator().manual_seed(0))[0]
+    b = d.sample(model, (4, 1, 28, 28), betas, 0, 'ddim', eta=1.0, generator=torch.Generator().manual_seed(0))[0]
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_discretized_gaussian_is_a_distribution_over_256_levels():
+    levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, std in ((0.0, 0.01), (0.3, 0.2), (-0.99, 1e-3), (0.5, 5.0), (3.0, 0.5), (0.0, 1e-4)):
+        logp = d.discretized_gaussian_log_likelihood(levels, torch.tensor(mean, dtype=torch.float64),
+                                                     torch.tensor(std, dtype=torch.float64))
+        assert math.isclose(logp.exp().sum().item(), 1.0, rel_tol=1e-9), (mean, std)
+    # a narrow Gaussian on a level puts nearly all its mass there: Phi(1/255 / std) - Phi(-1/255 / std)
+    logp = d.discretized_gaussian_log_likelihood(levels[100], levels[100], torch.tensor(0.002, dtype=torch.float64))
+    assert math.isclose(logp.exp().item(), math.erf(1 / 255 / 0.002 / math.sqrt(2)), rel_tol=1e-9)
+
+
+def test_normal_kl_against_torch_distributions():
+    m1, v1, m2, v2 = torch.randn(4, 50, dtype=torch.float64).unbind()
+    v1, v2 = v1.exp(), v2.exp()
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(m1, v1.sqrt()), torch.distributions.Normal(m2, v2.sqrt()))
+    np.testing.assert_allclose(d.normal_kl(m1, v1, m2, v2).numpy(), want.numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize('flags', [[], ['--patch', '1', '--channel-mults', '1,2,2', '--res-blocks', '2', '--attn-res', '14,7'],
+                                   ['--patch', '4', '--channel-mults', '1', '--attn-res', ''],
+                                   ['--preset', 'gpu', '--channels', '16']])
+def test_unet_output_shape(flags):
+    c = d.get_config(flags)
+    d.check_config(c)
+    model = d.make_model(c)
+    with torch.no_grad():
+        assert model(torch.randn(3, 1, 28, 28), torch.tensor([0, 5, 999])).shape == (3, 1, 28, 28)
+
+
+MU, STD = 0.1, 0.25
+
+
+def exact_moments(betas, steps, method):
+    """Output mean and variance of the discretised sampler driven by eps* for x0 ~ N(MU, STD^2): every step is
+    affine in x, x' = A x + b + s z, so from x_T ~ N(0, 1) they follow exactly (float64)."""
+    alphas_cumprod, m, v = torch.cumprod(1 - betas, 0), 0.0, 1.0
+    T = len(betas)
+    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a = alphas_cumprod[t].item()
+        k = math.sqrt(1 - a) / (a * STD ** 2 + 1 - a)  # eps*(x) = k (x - sqrt(a) MU)
+        A0, b0 = (1 - math.sqrt(1 - a) * k) / math.sqrt(a), math.sqrt(1 - a) * k * MU  # x0_hat = A0 x + b0
+        if method == 'ddpm':
+            ap = alphas_cumprod[t - 1].item() if t > 0 else 1.0
+            c0, ct = math.sqrt(ap) * betas[t].item() / (1 - a), math.sqrt(1 - betas[t].item()) * (1 - ap) / (1 - a)
+            A, b, s2 = c0 * A0 + ct, c0 * b0, (1 - ap) / (1 - a) * betas[t].item()
+        else:  # DDIM, eta = 0, with eps recomputed from x0_hat as the sampler does
+            ap = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            Ae, be = (1 - math.sqrt(a) * A0) / math.sqrt(1 - a), -math.sqrt(a) * b0 / math.sqrt(1 - a)
+            A, b, s2 = math.sqrt(ap) * A0 + math.sqrt(1 - ap) * Ae, math.sqrt(ap) * b0 + math.sqrt(1 - ap) * be, 0.0
+        m, v = A * m + b, A * A * v + s2
+    return m, v
+
+
+@pytest.mark.parametrize('method, steps', [('ddpm', 0), ('ddim', 20)])
+def test_sampler_with_exact_eps_reproduces_gaussian_data(method, steps):
+    """Every pixel an independent N(MU, STD^2): 64 images of 784 pixels are n = 50,176 draws; the mean's
+    standard error is sqrt(var / n), the variance's var sqrt(2 / n). Clipping x0 to [-1, 1] acts beyond 3.6 STD,
+    below both."""
+    betas = d.cosine_betas(100)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+
+    def eps_star(x, t):
+        a = alphas_cumprod[t[0]]
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * STD ** 2 + 1 - a)
+    x = d.sample(eps_star, (64, 1, 28, 28), betas, steps, method, 'beta_tilde', generator=torch.Generator().manual_seed(1))[0]
+    m, v = exact_moments(betas.double(), steps, method)
+    n = x.numel()
+    assert abs(x.mean().item() - m) < Z * math.sqrt(v / n), (x.mean(), m)
+    assert abs(x.var().item() - v) < Z * v * math.sqrt(2 / n), (x.var(), v)
+    # the chain itself is the data's up to a first-order discretisation error in the variance: -12% for DDPM
+    # at T = 100, falling ~1/T; for DDIM ~1/steps (-22% at 20 steps, -10% at 50)
+    assert abs(m - MU) < 1e-3, m
+    if method == 'ddpm':
+        bias = [exact_moments(d.cosine_betas(k).double(), 0, 'ddpm')[1] / STD ** 2 - 1 for k in (100, 1000)]
+        assert -0.15 < bias[0] < 0 and 0 < bias[1] / bias[0] < 0.2, bias
+    else:
+        bias = [exact_moments(betas.double(), k, 'ddim')[1] / STD ** 2 - 1 for k in (20, 50)]
+        assert -0.3 < bias[0] < 0 and 0.3 < bias[1] / bias[0] < 0.6, bias
+
+
+def test_frechet_distance_of_gaussians():
+    """Frechet distance of N(0, I) and N(mu, s^2 I) in D dims: |mu|^2 + D (1 - s)^2; from 20,000 draws in 4 dims
+    the plug-in estimate is within a few 1e-3 (its bias is ~ D^2 / n)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20_000, 4, generator=g, dtype=torch.float64), torch.randn(20_000, 4, generator=g, dtype=torch.float64)
+    assert abs(d.frechet(a, 0.5 * b + 1.0) - (4 * 1.0 + 4 * 0.25)) < 0.05
+    assert d.frechet(a, b) < 0.01
+
+
+# ---- tiny runs of main() ----
+def write_mnist(root, n_train=256, n_test=64):
+    """Synthetic digits in MNIST's idx format under root/MNIST/raw: class k is a bar at angle 18k degrees
+    through the centre, so a classifier can learn them; uint8 images, labels 0..9 in turn."""
+    raw = os.path.join(root, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    yy, xx = np.mgrid[0:28, 0:28] - 13.5
+    rng = np.random.default_rng(0)
+    for name, n in (('train', n_train), ('t10k', n_test)):
+        labels = np.arange(n) % 10
+        ang = labels * math.pi / 10 + rng.normal(0, 0.05, n)
+        dist = np.abs(np.cos(ang)[:, None, None] * yy - np.sin(ang)[:, None, None] * xx)  # distance to the line
+        images = (255 * np.clip(2.0 - dist, 0, 1) * (np.hypot(yy, xx) < 11)).astype(np.uint8)
+        with open(os.path.join(raw, f'{name}-images-idx3-ubyte'), 'wb') as f:
+            f.write(np.array([2051, n, 28, 28], '>i4').tobytes() + images.tobytes())
+        with open(os.path.join(raw, f'{name}-labels-idx1-ubyte'), 'wb') as f:
+            f.write(np.array([2049, n], '>i4').tobytes() + labels.astype(np.uint8).tobytes())
+    return root
+
+
+TINY = ['--channels', '16', '--timesteps', '20', '--sample-steps', '5', '--batch-size', '32', '--epochs', '2',
+        '--n-samples', '10', '--log-every', '4', '--warmup', '2']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp('mnist')))
+
+
+def flags(data, out, *extra):
+    return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
+
+
+def test_train_checkpoint_sample_only(data, tmp_path, capsys):
+    d.main(flags(data, tmp_path))
+    out = capsys.readouterr().out
+    assert 'step 16/16' in out and 'img/s' in out
+    for f in ('ckpt.pt', 'samples.png', 'reverse.png', 'loss.png', 'config.json', 'ddpm_mnist.py'):
+        assert (tmp_path / f).exists(), f
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 16 and ckpt['script'] == 'ddpm_mnist.py'
+    assert set(ckpt) >= {'model', 'ema', 'optimizer', 'scaler', 'config', 'epoch'}
+    d.main(flags(data, tmp_path, '--sample-only', 'true', '--sampler', 'ddim', '--sample-steps', '5', '--n-samples', '12'))
+    images = np.load(tmp_path / 'samples.npz')['images']
+    assert images.shape == (12, 28, 28) and images.dtype == np.uint8
+
+
+def run_script(*args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+    return subprocess.Popen([sys.executable, os.path.join(HERE, 'ddpm_mnist.py'), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def ckpt_step(path):
+    try:
+        return torch.load(path, weights_only=True)['step']
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def test_resume_after_sigkill_is_exact(data, tmp_path):
+    """One run of 24 steps, and one killed (SIGKILL) after its first checkpoint then resumed: same weights."""
+    full = run_script(*flags(data, tmp_path / 'a', '--epochs', '3', '--n-samples', '2'))
+    assert full.wait() == 0, full.stderr.read()
+    b = tmp_path / 'b'
+    proc = run_script(*flags(data, b, '--epochs', '3', '--n-samples', '2', '--save-every', '2'))
+    while ckpt_step(b / 'ckpt.pt') < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpt_step(b / 'ckpt.pt')
+    assert 2 <= killed_at < 24  # the kill came mid-run, and the last checkpoint survived it
+    resumed = run_script(*flags(data, b, '--epochs', '3', '--n-samples', '2', '--resume', 'true'))
+    assert resumed.wait() == 0, resumed.stderr.read()
+    wa, wb = (torch.load(p / 'ckpt.pt', weights_only=True) for p in (tmp_path / 'a', b))
+    assert wa['step'] == wb['step'] == 24
+    for k in wa['model']:
+        assert torch.equal(wa['model'][k], wb['model'][k]) and torch.equal(wa['ema'][k], wb['ema'][k]), k
+
+
+def test_ctrl_c_saves(data, tmp_path):
+    proc = run_script(*flags(data, tmp_path, '--epochs', '200', '--save-every', '1000'))
+    for line in proc.stdout:
+        if line.startswith('step 8/'):
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and 'interrupted at step' in err and 'Traceback' not in err, err
+    assert 8 <= ckpt_step(tmp_path / 'ckpt.pt') < 1600
+
+
+def test_torchrun_ddp_on_cpu(data, tmp_path):
+    """Two processes with gloo: each takes half the batch; rank 0 writes the checkpoint."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29517',
+                        os.path.join(HERE, 'ddpm_mnist.py'), *flags(data, tmp_path, '--epochs', '1', '--n-samples', '2')],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '2 process(es)' in r.stdout and ckpt_step(tmp_path / 'ckpt.pt') == 8
+
+
+def test_bfloat16_autocast_on_cpu(data, tmp_path, capsys):
+    d.main(flags(data, tmp_path, '--dtype', 'bfloat16', '--epochs', '1', '--n-samples', '2'))
+    assert 'bfloat16' in capsys.readouterr().out and ckpt_step(tmp_path / 'ckpt.pt') == 8
+
+
+def test_eval_prints_its_figures(data, tmp_path, capsys):
+    d.main(flags(data, tmp_path, '--epochs', '1', '--eval', 'true', '--eval-samples', '20', '--elbo-images', '4'))
+    out = capsys.readouterr().out
+    assert 'classifier trained' in out and 'KL(classes || uniform)' in out and 'x floor' in out and 'bits/dim' in out
+    bpd = float(out.split('test images ')[1].split()[0])
+    assert 0 < bpd < 50
+
+
+@pytest.mark.parametrize('extra, says', [
+    (['--channel-mults', '1,2,2,2', '--patch', '1'], 'would halve'),
+    (['--sample-steps', '50', '--sampler', 'ddpm'], '--sampler ddim'),
+    (['--channels', '20'], 'multiple of 8'),
+    (['--dtype', 'float16'], 'needs CUDA'),
+    (['--resume', 'true'], 'no checkpoint'),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
+    with pytest.raises(SystemExit) as e:
+        d.main(['--out-dir', str(tmp_path / 'run')] + extra)
+    assert says in str(e.value) and '\n' not in str(e.value)
+
+
+def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
+    empty = tmp_path / 'empty'
+    with pytest.raises(SystemExit) as e:
+        d.load_mnist(str(empty))
+    assert 'no MNIST under' in str(e.value) and str(empty) in str(e.value)
+    d.main(flags(data, tmp_path, '--epochs', '1', '--n-samples', '2'))
+    with pytest.raises(SystemExit) as e:
+        d.main(flags(data, tmp_path, '--resume', 'true', '--channels', '24'))
+    assert 'channels 16 (flag 24)' in str(e.value)
+    torch.save({'model': {}, 'script': 'ddpm_points.py'}, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit) as e:
+        d.main(flags(data, tmp_path, '--sample-only', 'true'))
+    assert 'not written by ddpm_mnist.py' in str(e.value)
+    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit) as e:
+        d.main(flags(data, tmp_path, '--sample-only', 'true'))
+    assert 'not a readable checkpoint' in str(e.value)
+
+
+def test_unknown_flag_is_one_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        d.get_config(['--epoch', '3'])
+    assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
