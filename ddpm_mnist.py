@@ -286,6 +286,16 @@ def make_model(c):
 
 
 # ---- loss ----
+def loss_weight(alphas_cumprod_t, pred, min_snr):
+    """Per-example weight of the squared error. In x0 terms the eps error is SNR_t |x0 - x0_hat|^2 and the v error
+    (SNR_t + 1) |x0 - x0_hat|^2 (SNR_t = abar_t / (1 - abar_t)); min-SNR weighting makes either min(SNR_t, gamma)
+    |x0 - x0_hat|^2 (Hang et al. 2023, arXiv:2303.09556), which stops the many easy low-noise steps from dominating."""
+    if not min_snr:
+        return torch.ones_like(alphas_cumprod_t)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return snr.clamp(max=min_snr) / (snr + (pred == 'v'))
+
+
 def normal_kl(mean1, var1, mean2, var2):
     """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats."""
     return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
@@ -435,30 +445,34 @@ def frechet(a, b):
     return ((mu_a - mu_b).square().sum() + ca.trace() + cb.trace() - 2 * cross).item()
 
 
+def class_figures(logits):
+    """(share with confidence >= 0.9, mean confidence, KL(class histogram || uniform), histogram) of (N, 10) logits."""
+    p = logits.softmax(1)
+    conf, hist = p.max(1).values, torch.bincount(p.argmax(1), minlength=10).double() / len(p)
+    return (conf >= 0.9).float().mean().item(), conf.mean().item(), (hist * (hist.clamp(min=1e-12) * 10).log()).sum().item(), hist
+
+
 def evaluate(c, model, betas, dev, out):
-    """Prints the class histogram of eval_samples generated digits, its KL from uniform, the confidence,
-    the Frechet distance to the test set beside the floor, and bits/dim on elbo_images test images."""
-    t0 = time.time()
+    """Prints, for eval_samples generated digits and as many real training digits (the reference): the share
+    classified with confidence >= 0.9, the mean confidence, the class histogram and its KL from uniform; then the
+    Frechet distance of each set to the test set (the real one is the floor), and bits/dim on elbo_images test images."""
     net = get_classifier(c, dev, c['classifier'] or os.path.join(out, 'classifier.pt'))
     g = torch.Generator(dev).manual_seed(c['seed'] + 1)
-    n = c['eval_samples']
+    n, t0 = c['eval_samples'], time.time()
     gen = torch.cat([sample_as_configured(model, min(500, n - i), c, betas, g, dev) for i in range(0, n, 500)])  # 500 at a time
+    seconds = time.time() - t0
     gen = torch.from_numpy(to_uint8(gen))[:, None].float() / 127.5 - 1  # scored as saved: on the 256 levels
     x_test, _ = load_mnist(c['data_dir'], train=False)
     x_train, _ = load_mnist(c['data_dir'])
-    f_test, f_gen = judge(net, x_test, dev)[0], judge(net, gen, dev)
-    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c['seed']))[:len(gen)]
-    f_real = judge(net, x_train[pick], dev)[0]
-    p = f_gen[1].softmax(1)
-    conf, hist = p.max(1).values, torch.bincount(p.argmax(1), minlength=10).double() / len(gen)
-    kl = (hist * (hist.clamp(min=1e-12) * 10).log()).sum().item()
-    fd, floor = frechet(f_gen[0], f_test), frechet(f_real, f_test)
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(c['seed']))[:n]
+    f_test, f_gen, f_real = judge(net, x_test, dev)[0], judge(net, gen, dev), judge(net, x_train[pick], dev)
     what = f"{c['sampler']} {c['sample_steps'] or c['timesteps']} steps"
-    print(f"eval | {len(gen)} samples ({what}) | confident (p >= 0.9) {(conf >= 0.9).float().mean():.1%} | mean confidence "
-          f"{conf.mean():.3f} | KL(classes || uniform) {kl:.4f} | classes {' '.join(f'{h:.3f}' for h in hist)} | "
-          f"{time.time() - t0:.0f}s")
-    print(f'eval | frechet distance to the test set {fd:.2f} | floor ({len(gen)} training images) {floor:.2f} | '
-          f'{fd / floor:.2f}x floor')
+    for name, (_, logits) in [(f'{n} samples ({what}, {seconds:.0f}s)', f_gen), (f'{n} training images', f_real)]:
+        confident, mean_conf, kl, hist = class_figures(logits)
+        print(f"eval | {name} | confident (p >= 0.9) {confident:.1%} | mean confidence {mean_conf:.3f} | "
+              f"KL(classes || uniform) {kl:.4f} | classes {' '.join(f'{h:.3f}' for h in hist)}")
+    fd, floor = frechet(f_gen[0], f_test), frechet(f_real[0], f_test)
+    print(f'eval | frechet distance to the test set {fd:.2f} | floor ({n} training images) {floor:.2f} | {fd / floor:.2f}x floor')
     if c['elbo_images']:
         t0 = time.time()
         bpd = nll_bits_per_dim(model, x_test[:c['elbo_images']].to(dev), betas, c['pred'], c['sigma'], g).cpu()
@@ -559,8 +573,7 @@ def train(c, dev, out, rank, world):
                 noise = torch.randn_like(x0)
                 a = alphas_cumprod[t].view(-1, 1, 1, 1)
                 target = noise if c['pred'] == 'eps' else a.sqrt() * noise - (1 - a).sqrt() * x0
-                snr = a / (1 - a)  # the v loss is (SNR_t + 1) times the eps loss in x0 terms, so it divides by SNR_t + 1
-                w = (snr.clamp(max=c['min_snr']) / (snr + (c['pred'] == 'v'))) if c['min_snr'] else torch.ones_like(a)
+                w = loss_weight(a, c['pred'], c['min_snr'])
                 with autocast:
                     loss = (w * (net(q_sample(x0, a, noise), t).float() - target).square()).mean()
                 if not torch.isfinite(loss):

@@ -59,6 +59,33 @@ def test_v_and_eps_outputs_give_the_same_x0():
         np.testing.assert_allclose(got_eps.numpy(), eps.numpy(), atol=1e-9)
 
 
+@pytest.mark.parametrize('min_snr', [0.0, 5.0])
+def test_loss_weight_is_min_snr_in_x0_terms(min_snr):
+    """An x0_hat off by delta costs w |eps - eps_hat|^2 = SNR w delta^2 (eps) or (SNR + 1) w delta^2 (v): with
+    min-SNR weighting both come to min(SNR, gamma) delta^2, without it to SNR and SNR + 1 times delta^2."""
+    alphas_cumprod = torch.cumprod(1 - d.cosine_betas(1000), 0)[:-1, None].double()
+    x0, eps, delta = torch.randn(999, 1, dtype=torch.float64), torch.randn(999, 1, dtype=torch.float64), 0.1
+    xt, snr = d.q_sample(x0, alphas_cumprod, eps), alphas_cumprod / (1 - alphas_cumprod)
+    for pred in ('eps', 'v'):
+        target = eps if pred == 'eps' else alphas_cumprod.sqrt() * eps - (1 - alphas_cumprod).sqrt() * x0
+        # the output that predicts x0 + delta at this x_t: invert x0_eps_from_output for that x0
+        a, b = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+        out = (xt - a * (x0 + delta)) / b if pred == 'eps' else (a * xt - (x0 + delta)) / b
+        cost = d.loss_weight(alphas_cumprod, pred, min_snr) * (out - target).square()
+        want = snr.clamp(max=min_snr) if min_snr else snr + (pred == 'v')
+        np.testing.assert_allclose(cost.numpy(), (want * delta ** 2).numpy(), rtol=1e-6)
+
+
+def test_class_figures():
+    """Confident one-hot logits of balanced classes: all confident, KL 0; all one class: KL log 10; flat: none."""
+    balanced = 20 * torch.eye(10).repeat(3, 1)
+    assert d.class_figures(balanced)[:3] == pytest.approx((1.0, 1.0, 0.0), abs=1e-6)
+    one_class = torch.zeros(30, 10).index_fill_(1, torch.tensor([3]), 20.0)
+    assert d.class_figures(one_class)[2] == pytest.approx(math.log(10))
+    confident, mean_conf, _, hist = d.class_figures(torch.zeros(30, 10))
+    assert confident == 0 and mean_conf == pytest.approx(0.1) and hist.sum() == pytest.approx(1)
+
+
 def test_ddim_with_eta_1_on_all_steps_is_ddpm():
     """Song et al.: eta = 1 on the full schedule gives sigma_t^2 = beta_tilde_t and the posterior mean, so
     with the same noise the two samplers walk the same path."""
@@ -270,6 +297,7 @@ def test_eval_prints_its_figures(data, tmp_path, capsys):
     d.main(flags(data, tmp_path, '--epochs', '1', '--eval', 'true', '--eval-samples', '20', '--elbo-images', '4'))
     out = capsys.readouterr().out
     assert 'classifier trained' in out and 'KL(classes || uniform)' in out and 'x floor' in out and 'bits/dim' in out
+    assert '20 samples (ddim 5 steps' in out and '20 training images | confident' in out
     bpd = float(out.split('test images ')[1].split()[0])
     assert 0 < bpd < 50
 
