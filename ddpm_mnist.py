@@ -56,9 +56,9 @@ timesteps = 1000              # T
 beta_start = 1e-4             # beta_1 of 'linear'
 beta_end = 0.02               # beta_T of 'linear'
 pred = 'eps'                  # 'eps' | 'v': what the network predicts
-min_snr = 0.0                 # gamma of min-SNR loss weighting (Hang et al. 2023): min(SNR_t, gamma) / SNR_t (eps); 0 = off
-epochs = 5                    # passes over the training images
-batch_size = 128              # global, split across DDP ranks
+min_snr = 5.0                 # gamma of min-SNR loss weighting (Hang et al. 2023): min(SNR_t, gamma) / SNR_t (eps); 0 = off
+epochs = 7                    # passes over the training images
+batch_size = 64               # global, split across DDP ranks
 lr = 2e-3                     # peak AdamW learning rate, after a linear warm-up, cosine-decayed to 0
 warmup = 200                  # warm-up steps
 weight_decay = 0.0            # AdamW's
@@ -84,8 +84,8 @@ save_every = 500              # steps between checkpoints (also at the end, and 
 log_every = 100               # steps between progress lines
 seed = 0                      # data order, noise and initial weights
 
-GPU_PRESET = dict(patch=1, channels=64, channel_mults='1,2,2', res_blocks=2, dropout=0.1, epochs=100, lr=2e-4, warmup=1000,
-                  ema=0.9995)
+GPU_PRESET = dict(patch=1, channels=64, channel_mults='1,2,2', res_blocks=2, dropout=0.1, epochs=100, batch_size=128, lr=2e-4,
+                  warmup=1000, ema=0.9995)
 ARCH = ('patch', 'channels', 'channel_mults', 'res_blocks', 'attn_res', 'schedule', 'timesteps', 'beta_start', 'beta_end', 'pred')
 
 
@@ -414,16 +414,19 @@ def get_classifier(c, dev, path):
         return net.eval()
     x, y = load_mnist(c['data_dir'])
     g = torch.Generator().manual_seed(c['seed'])
+    epochs, steps = 5, math.ceil(len(x) / 128)  # 99.0% test accuracy; 2 epochs at a fixed lr gave 98.4%
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(2):  # epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / (epochs * steps))))
+    for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(128):
             loss = F.cross_entropy(net(x[idx].to(dev))[1], y[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
     xt, yt = load_mnist(c['data_dir'], train=False)
     acc = (judge(net.eval(), xt, dev)[1].argmax(1) == yt).float().mean().item()
-    print(f'eval | classifier trained (2 epochs): test accuracy {acc:.2%} | saved to {path}')
+    print(f'eval | classifier trained ({epochs} epochs): test accuracy {acc:.2%} | saved to {path}')
     torch.save(net.state_dict(), path + '.tmp')
     os.replace(path + '.tmp', path)
     return net

@@ -16,3 +16,39 @@ def check_posterior_is_bayes(module, betas, t):
     np.testing.assert_allclose(mean.numpy(), (math.sqrt(ap) * x0 + cov / (1 - a) * (xt - math.sqrt(a) * x0)).numpy(),
                                rtol=1e-10, atol=1e-14)
     assert math.isclose(var.item(), (1 - ap) - cov ** 2 / (1 - a), rel_tol=1e-9, abs_tol=1e-15)
+
+
+def check_q_sample_is_iterated_chain(module, betas):
+    """module.q_sample against iterating x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z from (x0, 0):
+    mean_t = sqrt(1 - beta_t) mean_{t-1}, var_t = (1 - beta_t) var_{t-1} + beta_t (the +-1 noise draws give both)."""
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    x0, mean, var = torch.tensor(0.6, dtype=torch.float64), 0.6, 0.0
+    for t in range(len(betas)):
+        b = betas[t].item()
+        mean, var = math.sqrt(1 - b) * mean, (1 - b) * var + b
+        lo, hi = (module.q_sample(x0, alphas_cumprod[t], torch.tensor(z, dtype=torch.float64)).item() for z in (-1.0, 1.0))
+        assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-10, abs_tol=1e-14)
+        assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-10)
+
+
+def exact_sampler_moments(betas, steps, method, mu, std):
+    """Output mean and variance of the discretised sampler (x0 clipping aside) driven by eps* for x0 ~ N(mu, std^2):
+    every step is affine in x, x' = A x + b + s z, so from x_T ~ N(0, 1) they follow exactly (float64).
+    'ddpm' uses sigma^2 = beta_tilde; 'ddim' is eta = 0 with eps recomputed from x0_hat, as the scripts do."""
+    alphas_cumprod, m, v = torch.cumprod(1 - betas, 0), 0.0, 1.0
+    T = len(betas)
+    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps).round().long().tolist()
+    for i, t in enumerate(ts):
+        a = alphas_cumprod[t].item()
+        k = math.sqrt(1 - a) / (a * std ** 2 + 1 - a)  # eps*(x) = k (x - sqrt(a) mu)
+        A0, b0 = (1 - math.sqrt(1 - a) * k) / math.sqrt(a), math.sqrt(1 - a) * k * mu  # x0_hat = A0 x + b0
+        if method == 'ddpm':
+            ap = alphas_cumprod[t - 1].item() if t > 0 else 1.0
+            c0, ct = math.sqrt(ap) * betas[t].item() / (1 - a), math.sqrt(1 - betas[t].item()) * (1 - ap) / (1 - a)
+            A, b, s2 = c0 * A0 + ct, c0 * b0, (1 - ap) / (1 - a) * betas[t].item()
+        else:
+            ap = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            Ae, be = (1 - math.sqrt(a) * A0) / math.sqrt(1 - a), -math.sqrt(a) * b0 / math.sqrt(1 - a)
+            A, b, s2 = math.sqrt(ap) * A0 + math.sqrt(1 - ap) * Ae, math.sqrt(ap) * b0 + math.sqrt(1 - ap) * be, 0.0
+        m, v = A * m + b, A * A * v + s2
+    return m, v

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from closed_form import check_posterior_is_bayes
+from closed_form import check_posterior_is_bayes, check_q_sample_is_iterated_chain, exact_sampler_moments
 
 import ddpm_mnist as d
 
@@ -23,15 +23,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize('schedule', ['cosine', 'linear'])
 def test_q_sample_equals_iterated_chain(schedule):
     """mean_t = sqrt(1 - beta_t) mean_{t-1}, var_t = (1 - beta_t) var_{t-1} + beta_t from (x0, 0)."""
-    betas = d.make_betas(d.get_config(['--schedule', schedule, '--timesteps', '300']))
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    x0, mean, var = torch.tensor(0.6, dtype=torch.float64), 0.6, 0.0
-    for t in range(len(betas)):
-        b = betas[t].item()
-        mean, var = math.sqrt(1 - b) * mean, (1 - b) * var + b
-        lo, hi = (d.q_sample(x0, alphas_cumprod[t], torch.tensor(z, dtype=torch.float64)).item() for z in (-1.0, 1.0))
-        assert math.isclose((hi + lo) / 2, mean, rel_tol=1e-10, abs_tol=1e-14)
-        assert math.isclose((hi - lo) / 2, math.sqrt(var), rel_tol=1e-10)
+    check_q_sample_is_iterated_chain(d, d.make_betas(d.get_config(['--schedule', schedule, '--timesteps', '300'])))
 
 
 @pytest.mark.parametrize('t', [0, 1, 500, 999])
@@ -129,25 +121,7 @@ MU, STD = 0.1, 0.25
 
 
 def exact_moments(betas, steps, method):
-    """Output mean and variance of the discretised sampler driven by eps* for x0 ~ N(MU, STD^2): every step is
-    affine in x, x' = A x + b + s z, so from x_T ~ N(0, 1) they follow exactly (float64)."""
-    alphas_cumprod, m, v = torch.cumprod(1 - betas, 0), 0.0, 1.0
-    T = len(betas)
-    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps).round().long().tolist()
-    for i, t in enumerate(ts):
-        a = alphas_cumprod[t].item()
-        k = math.sqrt(1 - a) / (a * STD ** 2 + 1 - a)  # eps*(x) = k (x - sqrt(a) MU)
-        A0, b0 = (1 - math.sqrt(1 - a) * k) / math.sqrt(a), math.sqrt(1 - a) * k * MU  # x0_hat = A0 x + b0
-        if method == 'ddpm':
-            ap = alphas_cumprod[t - 1].item() if t > 0 else 1.0
-            c0, ct = math.sqrt(ap) * betas[t].item() / (1 - a), math.sqrt(1 - betas[t].item()) * (1 - ap) / (1 - a)
-            A, b, s2 = c0 * A0 + ct, c0 * b0, (1 - ap) / (1 - a) * betas[t].item()
-        else:  # DDIM, eta = 0, with eps recomputed from x0_hat as the sampler does
-            ap = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-            Ae, be = (1 - math.sqrt(a) * A0) / math.sqrt(1 - a), -math.sqrt(a) * b0 / math.sqrt(1 - a)
-            A, b, s2 = math.sqrt(ap) * A0 + math.sqrt(1 - ap) * Ae, math.sqrt(ap) * b0 + math.sqrt(1 - ap) * be, 0.0
-        m, v = A * m + b, A * A * v + s2
-    return m, v
+    return exact_sampler_moments(betas, steps, method, MU, STD)
 
 
 @pytest.mark.parametrize('method, steps', [('ddpm', 0), ('ddim', 20)])

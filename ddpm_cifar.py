@@ -1,0 +1,760 @@
+"""
+Class-conditional DDPM with classifier-free guidance on CIFAR-10 (or any image folder: FFHQ at 96, LSUN at 64).
+
+DDPM (Ho et al. 2020, arXiv:2006.11239): the simple loss |eps - eps_theta(x_t, t, y)|^2 (eq. 14), the linear
+schedule beta 1e-4 .. 0.02 over T = 1000 (or the cosine one, Nichol & Dhariwal eq. 17), the CIFAR-10 U-Net
+(base width 128, multipliers 1,2,2,2, two residual blocks per level, dropout 0.1, self-attention at 16x16;
+35.9M parameters with the class embedding). Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598):
+the label is replaced by a learned null class per sample with probability p_uncond during training, and
+sampling uses eps = eps_uncond + s (eps_cond - eps_uncond) (eq. 6 written with s = 1 + w: s = 1 is the
+plain conditional model, s = 0 the unconditional one). Samplers: ancestral (Algorithm 2) and DDIM
+(Song et al. 2020, eq. 12) on a respaced subset of the steps; latent interpolation slerps two x_T and runs
+deterministic DDIM (eta = 0), where the map from noise to image is a function and nearby noises give
+nearby images. lr 2e-4 with warm-up (as DDPM): the seed's 1e-3 makes this 36M-parameter network diverge.
+Timestep index t = 0..T-1 stands for the papers' 1..T; abar_t in formulas is alphas_cumprod[t].
+
+--fid N: FID and Inception Score of N guided samples (balanced labels) against the training set's
+statistics (cached), with the standard TF-Inception weights through torch-fidelity (an optional package,
+imported only then: pip install torch-fidelity). --fid-every E repeats it every E epochs and plots the curve.
+Literature for calibration (50k samples): DDPM unconditional 3.17; EDM conditional 1.79.
+
+Run:
+    python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU (bf16 autocast); ~36M parameters
+    torchrun --nproc_per_node=8 ddpm_cifar.py --epochs 600 --cfg 3.0   # DDP; --batch-size is global
+    python ddpm_cifar.py --dataset folder --data-dir ffhq --image-size 96 --attn-res 24 --channel-mults 1,2,2,2
+    python ddpm_cifar.py --preset tiny --dataset shapes --image-size 16   # CPU: 3 generated classes, minutes (README)
+    python ddpm_cifar.py --sample-only true --n-samples 50000 --fid 50000   # samples.npz (uint8 NHWC, labels) and FID
+    python ddpm_cifar.py --resume true                                 # continue exactly where ckpt.pt left off
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- config ----
+dataset = 'cifar10'           # 'cifar10' | 'folder' | 'shapes': an image folder (sub-folders = classes), or 3 generated classes
+data_dir = './data'           # torchvision's CIFAR-10 root (cifar-10-batches-py/...), or the image folder
+image_size = 32               # folder images are centre-cropped and resized to this; CIFAR-10 is 32
+out_dir = 'out/ddpm_cifar'    # ckpt.pt, figures, samples.npz, config.json and a copy of this file
+preset = 'default'            # 'default' | 'tiny': 'default' is these constants; 'tiny' swaps in TINY_PRESET for flags not given
+channels = 128                # U-Net base width, a multiple of 32
+channel_mults = '1,2,2,2'     # width multiplier per resolution, from image_size down, halving
+res_blocks = 2                # residual blocks per resolution on the way down (one more on the way up)
+attn_res = '16'               # resolutions with self-attention, comma-separated ('' = none; the middle always has it)
+dropout = 0.1                 # in the residual blocks
+schedule = 'linear'           # 'linear' | 'cosine'
+timesteps = 1000              # T
+beta_start = 1e-4             # beta_1 of 'linear'
+beta_end = 0.02               # beta_T of 'linear'
+p_uncond = 0.1                # probability that a training label is replaced by the null class
+cfg = 3.0                     # guidance scale s: eps_u + s (eps_c - eps_u); 1 = conditional, 0 = unconditional
+epochs = 600                  # passes over the training images
+batch_size = 128              # global, split across DDP ranks
+lr = 2e-4                     # peak AdamW learning rate, after a linear warm-up, then constant (as DDPM)
+warmup = 5000                 # warm-up steps
+weight_decay = 0.0            # AdamW's
+grad_clip = 1.0               # max gradient norm; 0 = off
+ema = 0.9999                  # decay of the weight average that is sampled from
+flip = True                   # random horizontal flips of the training images
+train_images = 0              # 0 = all; fewer for quick runs
+workers = 4                   # DataLoader worker processes; 0 = load in the main process
+sampler = 'ddim'              # 'ddim' | 'ddpm'
+sample_steps = 50             # reverse steps; 0 = T (DDPM runs all T)
+eta = 0.0                     # DDIM noise: 0 = deterministic, 1 = DDPM-like
+sigma = 'beta'                # 'beta' | 'beta_tilde': variance of the DDPM step
+n_samples = 100               # samples written by --sample-only (labels cycle through the classes), and in the grid
+fid = 0                       # samples scored by FID and IS at the end (and with --sample-only); 0 = off
+fid_every = 0                 # epochs between FIDs during training (of --fid samples); 0 = only at the end
+fid_stats = ''                # the training set's cached Inception statistics (.npz); '' = in out_dir
+fid_weights = ''              # torch-fidelity's Inception weights (.pth) for offline use; '' = download once
+device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cuda, then mps, then cpu
+dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': training autocast; auto = bfloat16 on CUDA
+compile = False               # torch.compile the training model
+resume = False                # continue from out_dir/ckpt.pt
+sample_only = False           # load out_dir/ckpt.pt (EMA weights) and write n_samples to samples.npz
+max_steps = 0                 # stop after this many steps (the lr schedule keeps its full length); 0 = all
+save_every = 1000             # steps between checkpoints
+log_every = 100               # steps between progress lines
+seed = 0                      # data order, noise and initial weights
+
+TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200, epochs=2,
+                   batch_size=32, lr=1e-3, warmup=20, ema=0.99, workers=0, sample_steps=20, train_images=2000, log_every=10)
+ARCH = ('dataset', 'image_size', 'channels', 'channel_mults', 'res_blocks', 'attn_res', 'schedule', 'timesteps',
+        'beta_start', 'beta_end')
+
+
+def get_config(argv=None):
+    """Every constant of the config block becomes --dashed-name with the default's type; a dict.
+    --preset tiny then sets TINY_PRESET's values for the flags not given on the command line."""
+    def parse_bool(s):
+        if s.lower() in ('true', '1', 'false', '0'):
+            return s.lower() in ('true', '1')
+        raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
+    block = open(__file__).read().split('# ---- config ----\n')[1].split('\n\n')[0]
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    for name, comment in re.findall(r'^(\w+) *=.*?(?:# *(.*))?$', block, re.M):
+        default = globals()[name]
+        listed = re.match(r"'[^']*'(?: *\| *'[^']*')+", comment)  # a leading 'a' | 'b' list gives the choices
+        choices = re.findall(r"'([^']*)'", listed[0]) if listed else None
+        ap.add_argument('--' + name.replace('_', '-'), default=default, choices=choices,
+                        type=parse_bool if isinstance(default, bool) else type(default),
+                        help=f'{comment} [{default!r}]'.replace('%', '%%'))
+    c = vars(ap.parse_args(argv))
+    given = {a[2:].split('=')[0].replace('-', '_') for a in (argv if argv is not None else sys.argv[1:]) if a.startswith('--')}
+    if c['preset'] == 'tiny':
+        c.update({k: v for k, v in TINY_PRESET.items() if k not in given})
+    c['cfg_given'] = 'cfg' in given  # an unconditional folder model refuses an explicit --cfg, ignores the default
+    return c
+
+
+def check_config(c):
+    """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
+    mults = c['channel_mults'].split(',')
+    down = 2 ** (len(mults) - 1)
+    problems = [
+        (not all(m.strip().isdigit() and int(m) > 0 for m in mults), "--channel-mults takes positive integers like '1,2,2,2'"),
+        (c['image_size'] < 8 or c['image_size'] % down, f"--image-size {c['image_size']}: the U-Net halves it "
+                                                       f"{len(mults) - 1} times, so it must be a multiple of {down}"),
+        (c['dataset'] == 'cifar10' and c['image_size'] != 32, 'CIFAR-10 is 32x32: drop --image-size or use --dataset folder'),
+        (not re.fullmatch(r'(\d+(,\d+)*)?', c['attn_res'].replace(' ', '')), "--attn-res takes resolutions like '16' or '16,8'"),
+        (c['channels'] % 32 != 0 or c['channels'] <= 0, '--channels must be a positive multiple of 32 (for GroupNorm)'),
+        (c['timesteps'] < 2, '--timesteps must be at least 2'),
+        (not 0 < c['beta_start'] < c['beta_end'] < 1, '--beta-start and --beta-end need 0 < start < end < 1'),
+        (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
+         '--sample-steps needs --sampler ddim (DDPM runs all T steps); use --sample-steps 0 with ddpm'),
+        (not 0 <= c['sample_steps'] <= c['timesteps'], f"--sample-steps must be 0..{c['timesteps']} (the timesteps)"),
+        (min(c['epochs'], c['batch_size'], c['n_samples'], c['save_every'], c['log_every']) < 1,
+         '--epochs, --batch-size, --n-samples, --save-every and --log-every must be at least 1'),
+        (min(c['train_images'], c['max_steps'], c['warmup'], c['workers'], c['fid'], c['fid_every']) < 0,
+         '--train-images, --max-steps, --warmup, --workers, --fid and --fid-every are counts, 0 = default/off'),
+        (c['fid_every'] and not c['fid'], '--fid-every needs --fid N, the number of samples to score'),
+        (0 < c['fid'] < 2, '--fid needs at least 2 samples for a covariance'),
+        (not 0 <= c['p_uncond'] < 1, '--p-uncond is a probability below 1'),
+        (c['cfg'] < 0, '--cfg must be >= 0 (0 unconditional, 1 conditional, > 1 guided)'),
+        (c['cfg'] != 1 and c['p_uncond'] == 0, '--cfg other than 1 needs the unconditional model: train with --p-uncond > 0'),
+        (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1 and c['grad_clip'] >= 0),
+         'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, --grad-clip >= 0'),
+        (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise SystemExit(f'ddpm_cifar.py: {why}')
+
+# ---- schedule ----
+def linear_betas(T, beta_start, beta_end):
+    """Ho et al. sec. 4: beta_1 .. beta_T evenly spaced (float64, index t = 0..T-1)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """beta_t = 1 - abar(t+1) / abar(t), abar(t) = cos((t/T + s) / (1 + s) * pi/2)^2 (Nichol & Dhariwal eq. 17), clipped."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def make_betas(c):
+    if c['schedule'] == 'cosine':
+        return cosine_betas(c['timesteps'])
+    return linear_betas(c['timesteps'], c['beta_start'], c['beta_end'])
+
+
+def q_sample(x0, alphas_cumprod_t, noise):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ~ q(x_t | x0) (eq. 4); alphas_cumprod_t broadcasts."""
+    return alphas_cumprod_t.sqrt() * x0 + (1 - alphas_cumprod_t).sqrt() * noise
+
+
+def q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod):
+    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7), t a python int; abar_{-1} = 1."""
+    alphas_cumprod_prev = alphas_cumprod[t - 1] if t > 0 else torch.ones((), dtype=alphas_cumprod.dtype)
+    c0 = alphas_cumprod_prev.sqrt() * betas[t] / (1 - alphas_cumprod[t])
+    ct = (1 - betas[t]).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t])
+    return c0 * x0 + ct * xt, (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t]) * betas[t]
+
+
+def guided_eps(eps_cond, eps_uncond, s):
+    """Classifier-free guidance (Ho & Salimans eq. 6, s = 1 + w): eps_u + s (eps_c - eps_u)."""
+    return eps_uncond + s * (eps_cond - eps_uncond)
+
+
+def drop_labels(y, null, p, u):
+    """The label of each sample replaced by the null class where its uniform draw u < p (per sample, not per batch)."""
+    return torch.where(u < p, torch.full_like(y, null), y)
+
+
+# ---- model ----
+def timestep_embedding(t, dim):
+    """(B,) -> (B, dim) sin and cos of t at geometric frequencies 1 .. 1e-4 (Vaswani et al. 2017)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    a = t.float()[:, None] * freqs
+    return torch.cat([a.sin(), a.cos()], 1)
+
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)  # 32 groups as DDPM, fewer for the narrow tiny preset
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv; plus the time-and-class embedding; GroupNorm, SiLU, dropout, 3x3 conv
+    (zero-initialised, so each block starts as the identity); a 1x1 conv on the skip path when the width changes."""
+    def __init__(self, cin, cout, tdim, dropout):
+        super().__init__()
+        self.norm1, self.conv1, self.temb = norm(cin), nn.Conv2d(cin, cout, 3, padding=1), nn.Linear(tdim, cout)
+        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H x W positions, residual, output projection zero-initialised."""
+    def __init__(self, ch, heads=4):
+        super().__init__()
+        self.heads, self.norm, self.qkv, self.proj = heads, norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, C / heads)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y): the DDPM U-Net (Ho et al. appendix B) with a class embedding (num_classes + 1 rows, the
+    last the null class) added to the time embedding. Per resolution, res_blocks ResBlocks on the way down (attention
+    after each where listed) then a stride-2 conv; the middle is ResBlock, attention, ResBlock; on the way up
+    res_blocks + 1 ResBlocks, each fed the matching skip."""
+    def __init__(self, channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_res=(16,), dropout=0.1, image_size=32,
+                 num_classes=10):
+        super().__init__()
+        tdim, res = 4 * channels, image_size
+        self.channels, self.null = channels, num_classes
+        self.temb = nn.Sequential(nn.Linear(channels, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.label = nn.Embedding(num_classes + 1, tdim)
+        self.inp = nn.Conv2d(3, channels, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [channels], channels
+        for i, m in enumerate(mults):
+            for _ in range(res_blocks):
+                attn = [Attention(channels * m)] if res in attn_res else []
+                self.down.append(nn.ModuleList([ResBlock(ch, channels * m, tdim, dropout)] + attn))
+                ch = channels * m
+                skips.append(ch)
+            if i < len(mults) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, tdim, dropout), Attention(ch), ResBlock(ch, ch, tdim, dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mults))):
+            for _ in range(res_blocks + 1):
+                attn = [Attention(channels * m)] if res in attn_res else []
+                self.up.append(nn.ModuleList([ResBlock(ch + skips.pop(), channels * m, tdim, dropout)] + attn))
+                ch = channels * m
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, ch, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y):  # x (B, 3, H, W), t (B,), y (B,) in 0..num_classes (num_classes = null) -> (B, 3, H, W)
+        emb = self.temb(timestep_embedding(t, self.channels)) + self.label(y)
+        h = self.inp(x)
+        hs = [h]
+        for layers in self.down:
+            h = run(layers, h, emb)
+            hs.append(h)
+        h = run(self.mid, h, emb)
+        for layers in self.up:
+            h = run(layers, torch.cat([h, hs.pop()], 1) if isinstance(layers[0], ResBlock) else h, emb)
+        return self.out(h)
+
+
+def run(layers, h, emb):
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
+    return h
+
+
+def make_model(c, num_classes):
+    mults = tuple(int(m) for m in c['channel_mults'].split(','))
+    attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
+    return UNet(c['channels'], mults, c['res_blocks'], attn, c['dropout'], c['image_size'], num_classes)
+
+
+# ---- sampling ----
+def slerp(z0, z1, a):
+    """Spherical interpolation per sample (Shoemake 1985): the angle theta between z0 and z1 is swept at rate a, so
+    the norm (about sqrt(D) for Gaussian noise) stays where the sampler expects it, unlike the linear mix."""
+    cos = (z0 * z1).flatten(1).sum(1) / (z0.flatten(1).norm(dim=1) * z1.flatten(1).norm(dim=1))
+    theta = cos.clamp(-1, 1).acos().view(-1, *[1] * (z0.dim() - 1))
+    return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
+
+
+@torch.no_grad()
+def sample(model, shape, betas, labels, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0, generator=None, device='cpu',
+           x_T=None):
+    """Reverse process from x_T ~ N(0, I) (or the given x_T), guided at scale cfg with the condition and the null
+    label in one batched forward pass. 'ddpm': Algorithm 2 over all T steps, x_{t-1} = the posterior mean (eq. 7)
+    at the predicted x0 (clipped to [-1, 1]) plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps` evenly
+    spaced timesteps (0 = all T), noise eta * eq. 16. Returns x_0 in [-1, 1]."""
+    alphas_cumprod = torch.cumprod(1 - betas.double(), 0).float().to(device)
+    T, null = len(betas), model.null
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+    labels = labels.to(device)
+    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
+    for i, t in enumerate(ts):
+        tt = torch.full(shape[:1], t, device=device, dtype=torch.long)
+        if cfg == 1 or cfg == 0:  # one pass: the label, or the null label
+            eps = model(x, tt, labels if cfg == 1 else torch.full_like(labels, null)).float()
+        else:
+            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, null)])).float()
+            eps = guided_eps(*both.chunk(2), cfg)
+        a = alphas_cumprod[t]
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)  # eq. 4 inverted, clipped
+        if method == 'ddpm':
+            mean, var = q_posterior_mean_var(x0, x, t, betas.float().to(device), alphas_cumprod)
+            var = betas[t].float() if sigma == 'beta' and t > 0 else var
+            x = mean + var.sqrt() * torch.randn(shape, generator=generator, device=device) if t > 0 else mean
+        else:
+            a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the eps that agrees with the clipped x0
+            s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # eq. 16
+            z = torch.randn(shape, generator=generator, device=device) if eta else 0
+            x = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).sqrt() * eps + s * z
+    return x.clamp(-1, 1)
+
+
+def sample_as_configured(model, labels, c, betas, generator, dev, x_T=None):
+    """Images (n, 3, S, S) in [-1, 1] on the CPU for these labels, with the config's sampler, steps, guidance."""
+    shape = (len(labels), 3, c['image_size'], c['image_size'])
+    cfg = c['cfg'] if model.null else 1.0  # an unconditional model has only the null label
+    return sample(model, shape, betas, labels, cfg, c['sample_steps'], c['sampler'], c['sigma'], c['eta'], generator, dev,
+                  x_T).cpu()
+
+
+def balanced_labels(n, num_classes):
+    return torch.arange(n) % num_classes if num_classes else torch.zeros(n, dtype=torch.long)
+
+
+def to_uint8(x):
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---- evaluation ----
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) (Heusel et al. 2017); tr (C1 C2)^(1/2) is the trace of the
+    root of the symmetric C1^(1/2) C2 C1^(1/2), so two symmetric eigendecompositions give it (float64)."""
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, cov1, mu2, cov2))
+    w, v = torch.linalg.eigh(cov1)
+    root1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) per split of the samples (Salimans et al. 2016), mean and std over the splits."""
+    scores = []
+    for part in logits.double().chunk(splits):
+        logp = part.log_softmax(1)
+        kl = (logp.exp() * (logp - logp.exp().mean(0).log())).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def make_inception(c, dev):
+    """uint8 (B, 3, H, W) -> (pool features (B, 2048), logits (B, 1008)) of the TF-Inception used by FID, via
+    torch-fidelity; its absence or an unreachable weights file stops the run here, before any training."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                          feature_extractor_weights_path=c['fid_weights'] or None).to(dev)
+    except Exception as e:
+        raise SystemExit(f'ddpm_cifar.py: --fid needs torch-fidelity and its Inception weights ({type(e).__name__}: '
+                         f'{str(e)[:120]}); pip install torch-fidelity, and offline pass --fid-weights '
+                         'weights-inception-2015-12-05-6726825d.pth; or run without --fid') from None
+    return lambda x: net(x.to(dev))
+
+
+@torch.no_grad()
+def features(extract, images, batch=250):
+    """(features float64 (N, D), logits (N, K)) of uint8 images (N, 3, H, W) in batches."""
+    outs = [extract(b) for b in images.split(batch)]
+    return torch.cat([o[0] for o in outs]).double().cpu(), torch.cat([o[1] for o in outs]).double().cpu()
+
+
+def reference_stats(c, extract, ds):
+    """The training set's feature mean and covariance, computed once (unflipped images) and cached in a file."""
+    path = c['fid_stats'] or os.path.join(c['out_dir'], f"fid_stats_{c['dataset']}_{c['image_size']}px_{len(ds)}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return torch.from_numpy(f['mu']), torch.from_numpy(f['cov'])
+    f = features(extract, torch.stack([ds[i][0] for i in range(len(ds))]))[0]
+    mu, cov = f.mean(0), torch.cov(f.T)
+    np.savez(path + '.tmp.npz', mu=mu.numpy(), cov=cov.numpy(), n=len(f))
+    os.replace(path + '.tmp.npz', path)
+    return mu, cov
+
+
+def fid_and_is(c, model, betas, extract, stats, dev):
+    """FID of c['fid'] guided samples (labels cycling through the classes) to the reference stats, and their IS."""
+    g, n, t0 = torch.Generator(dev).manual_seed(c['seed'] + 1), c['fid'], time.time()
+    labels = balanced_labels(n, model.null)
+    imgs = torch.cat([sample_as_configured(model, y, c, betas, g, dev) for y in labels.split(500)])
+    f, logits = features(extract, torch.from_numpy(to_uint8(imgs)).permute(0, 3, 1, 2))  # scored as saved: uint8
+    return frechet_distance(f.mean(0), torch.cov(f.T), *stats), inception_score(logits)[0], time.time() - t0
+
+
+def shapes_hit_rates(c, model, betas, dev, n=90):
+    """For --dataset shapes: the share of n samples (labels balanced) whose brightest channel is the requested class,
+    unguided (s = 0, where chance is 1/3) and at the config's guidance scale."""
+    labels, g = balanced_labels(n, model.null), torch.Generator(dev).manual_seed(c['seed'] + 2)
+    rates = {s: (sample_as_configured(model, labels, dict(c, cfg=s), betas, g, dev).sum((2, 3)).argmax(1) == labels)
+             .double().mean().item() for s in (0.0, c['cfg'])}
+    print(f"eval | shapes: the requested class (brightest channel) in {n} samples | "
+          + ' | '.join(f'cfg {s:g}: {r:.0%}' for s, r in rates.items()), flush=True)
+    return rates
+
+
+# ---- data ----
+class FolderImages(torch.utils.data.Dataset):
+    """Images under root, centre-cropped and resized to size: sub-folders are the classes (sorted names), or with
+    none the images in root itself, unconditional. Items are (uint8 (3, size, size), label)."""
+    EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+    def __init__(self, root, size):
+        images = lambda d: sorted(os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(self.EXTS))
+        subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = [d for d in subdirs if images(os.path.join(root, d))]
+        self.items = [(p, i) for i, d in enumerate(self.classes) for p in images(os.path.join(root, d))] or \
+                     [(p, 0) for p in images(root)]
+        self.size = size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image, ImageOps
+        path, label = self.items[i]
+        img = ImageOps.fit(Image.open(path).convert('RGB'), (self.size, self.size), Image.BICUBIC)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
+
+
+def make_shapes(n, size, seed):
+    """n images of one square or disc on black, red, green or blue by class: a generated 3-class set on which a CPU
+    can show in minutes that guidance steers (the class of a sample is its brightest channel)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    r = (0.2 + 0.15 * torch.rand(n, 1, 1, generator=g)) * size  # half-width or radius
+    cy, cx = r + (size - 2 * r) * torch.rand(2, n, 1, 1, generator=g)
+    grid = torch.arange(size) + 0.5
+    dy, dx = (grid[:, None] - cy).abs(), (grid[None, :] - cx).abs()  # (n, size, size)
+    square = torch.rand(n, 1, 1, generator=g) < 0.5
+    inside = torch.where(square, torch.maximum(dx, dy) <= r, dx ** 2 + dy ** 2 <= r ** 2)
+    x = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    x[torch.arange(n), y] = inside.to(torch.uint8) * 255
+    return torch.utils.data.TensorDataset(x, y), ['red', 'green', 'blue']
+
+
+def load_data(c):
+    """The training set as a Dataset of (uint8 (3, S, S), label) and its class names ([] = unconditional)."""
+    root = os.path.abspath(c['data_dir'])
+    if c['dataset'] == 'shapes':
+        return make_shapes(c['train_images'] or 3000, c['image_size'], c['seed'])
+    if c['dataset'] == 'folder':
+        ds = FolderImages(root, c['image_size']) if os.path.isdir(root) else None
+        if not ds:
+            raise SystemExit(f'ddpm_cifar.py: no images ({", ".join(FolderImages.EXTS)}) in {root} or its sub-folders; '
+                             'pass --data-dir, with one sub-folder per class for a conditional model')
+        return ds, ds.classes
+    from torchvision.datasets import CIFAR10
+    try:
+        cifar = CIFAR10(root, train=True, download=True)
+    except Exception as e:  # no network, or a damaged file
+        raise SystemExit(f'ddpm_cifar.py: no CIFAR-10 under {os.path.join(root, "cifar-10-batches-py")} and the download '
+                         f'failed ({type(e).__name__}); place the extracted cifar-10-python.tar.gz there (data_batch_1..5, '
+                         'test_batch, batches.meta), or pass --data-dir') from None
+    x = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    return torch.utils.data.TensorDataset(x, torch.tensor(cifar.targets)), cifar.classes
+
+
+# ---- train ----
+def pick_device(name, local_rank=None):
+    """'auto' is cuda (this rank's GPU under torchrun), then mps, then cpu; any other name must parse and be present."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda', local_rank or 0)
+        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"ddpm_cifar.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
+    if {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
+        return dev
+    raise SystemExit(f'ddpm_cifar.py: --device {name} is not available on this machine; try --device auto')
+
+
+def peak_memory_gb(dev):
+    """Peak CUDA memory allocated, or elsewhere this process's peak resident set (ru_maxrss is KiB on Linux)."""
+    if dev.type == 'cuda':
+        return torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == 'darwin' else 20)
+
+
+def load_checkpoint(path, c):
+    """The checkpoint at path, checked to come from this script with the same architecture and schedule."""
+    if not os.path.exists(path):
+        raise SystemExit(f'ddpm_cifar.py: no checkpoint at {path}; train first, or point --out-dir at the run')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'ddpm_cifar.py: {path} is not a readable checkpoint ({type(e).__name__})') from None
+    if not isinstance(ckpt, dict) or ckpt.get('script') != 'ddpm_cifar.py':
+        script = ckpt.get('script') if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f'ddpm_cifar.py: {path} was not written by ddpm_cifar.py (script: {script})')
+    differ = [f"{k} {ckpt['config'][k]!r} (flag {c[k]!r})" for k in ARCH if ckpt['config'][k] != c[k]]
+    if differ:
+        raise SystemExit(f"ddpm_cifar.py: {path} has a different model: {', '.join(differ)}; pass the checkpoint's values")
+    return ckpt
+
+
+def save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids):
+    """Written whole to a temporary file, then renamed over the last one: a kill mid-save keeps that one."""
+    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+                'scaler': scaler.state_dict(), 'step': step, 'config': c, 'classes': classes, 'fid': fids,
+                'script': 'ddpm_cifar.py'}, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def train(c, dev, out, rank, world):
+    """Step s draws t, noise, flips and label drops for the whole global batch from a generator seeded by (seed, s),
+    and rank r takes rows r, r + world, ...: DistributedSampler deals the epoch's order out the same way, so any
+    number of processes trains the same model as one, and --resume continues exactly without saving RNG state."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    path = os.path.join(out, 'ckpt.pt')
+    ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
+    ds, classes = load_data(c)
+    if c['train_images']:
+        ds = torch.utils.data.Subset(ds, range(min(c['train_images'], len(ds))))
+    if not classes and c['cfg_given'] and c['cfg'] != 1:
+        raise SystemExit(f"ddpm_cifar.py: {c['data_dir']} has no class sub-folders, so the model is unconditional; drop --cfg")
+    if ckpt and ckpt['classes'] != classes:
+        raise SystemExit(f"ddpm_cifar.py: {path} was trained on {len(ckpt['classes'])} classes, the data has {len(classes)}")
+    extract = make_inception(c, dev) if c['fid'] and rank == 0 else None  # fails before training, not after
+    betas = make_betas(c)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
+    torch.manual_seed(c['seed'])
+    model = make_model(c, len(classes)).to(dev)
+    ema = make_model(c, len(classes)).to(dev).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], weight_decay=c['weight_decay'])
+    scaler = torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16')
+    step, fids = 0, []
+    if ckpt:
+        for obj, key in ((model, 'model'), (ema, 'ema'), (opt, 'optimizer'), (scaler, 'scaler')):
+            obj.load_state_dict(ckpt[key])
+        step, fids = ckpt['step'], ckpt['fid']
+    if dev.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if c['compile'] else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == 'cuda' else None)
+    autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
+    B, per_rank = c['batch_size'], c['batch_size'] // world
+    sampler = DistributedSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=c['seed'], drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
+        raise SystemExit(f'ddpm_cifar.py: {len(ds)} training images make no batch of {B}; lower --batch-size')
+    total = c['epochs'] * steps_per_epoch
+    stop = min(total, c['max_steps'] or total)
+    lr_at = lambda s: c['lr'] * min(1, (s + 1) / (c['warmup'] + 1))
+    stats = reference_stats(c, extract, ds) if extract else None
+    if rank == 0:
+        print(f"data: {len(ds):,} images, {len(classes) or 'no'} classes | {c['schedule']} schedule, T {len(betas)} | "
+              f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, {world} process(es) | "
+              f"{stop} of {total} steps of batch {B}" + (f' | resumed at step {step}' if step else ''))
+    losses, curve, t0, step0 = [], [], time.time(), step
+    try:
+        while step < stop:
+            epoch, start = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            batches = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)[start:]
+            loader = DataLoader(ds, batch_sampler=batches.tolist(), num_workers=c['workers'], pin_memory=dev.type == 'cuda')
+            for x, y in loader:
+                g = torch.Generator().manual_seed(c['seed'] * 1_000_003 + step)  # this step's t, noise, flips, drops
+                t = torch.randint(0, len(betas), (B,), generator=g)[rank::world].to(dev)
+                noise = torch.randn((B,) + x.shape[1:], generator=g)[rank::world].to(dev)
+                mirror = (torch.rand(B, generator=g) < 0.5)[rank::world].to(dev) & c['flip']
+                drop = torch.rand(B, generator=g)[rank::world].to(dev)
+                torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # dropout
+                x0 = x.to(dev, non_blocking=True).float() / 127.5 - 1
+                x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
+                y = drop_labels(y.to(dev), len(classes), c['p_uncond'], drop) if classes else torch.zeros_like(y).to(dev)
+                xt = q_sample(x0, alphas_cumprod[t].view(-1, 1, 1, 1), noise)
+                if dev.type == 'cuda':
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    loss = (net(xt, t, y).float() - noise).square().mean()
+                if not torch.isfinite(loss):
+                    raise SystemExit(f'ddpm_cifar.py: loss is {loss.item()} at step {step}; the last good checkpoint {path} '
+                                     'is kept; try a lower --lr or --dtype float32')
+                for group in opt.param_groups:
+                    group['lr'] = lr_at(step)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if c['grad_clip']:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), c['grad_clip'])
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
+                losses.append(loss.detach())
+                if step % c['log_every'] == 0 or step == stop:
+                    mean = torch.stack(losses).mean()
+                    if world > 1:
+                        dist.all_reduce(mean)
+                        mean /= world
+                    curve.append((step, mean.item()))
+                    losses = []
+                    if rank == 0:
+                        ms = (time.time() - t0) / (step - step0) * 1e3
+                        print(f"step {step}/{stop} | loss {mean.item():.4f} | lr {lr_at(step - 1):.1e} | {ms:.1f} ms/step | "
+                              f"{B / ms * 1e3:,.0f} img/s | peak mem {peak_memory_gb(dev):.2f} GB | "
+                              f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
+                if rank == 0 and c['fid_every'] and (step % (c['fid_every'] * steps_per_epoch) == 0 or step == stop):
+                    fid, isc, sec = fid_and_is(c, ema.eval(), betas, extract, stats, dev)
+                    fids.append([step, fid])
+                    print(f"eval | epoch {step / steps_per_epoch:.2f} | step {step} | fid {fid:.2f} | is {isc:.2f} | "
+                          f"{c['fid']} samples, {sec:.0f}s", flush=True)
+                if rank == 0 and (step % c['save_every'] == 0 or step == stop):
+                    save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
+                if step == stop:
+                    break
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
+        raise SystemExit(f'ddpm_cifar.py: interrupted at step {step}; saved {path}; continue with --resume true') from None
+    return ema.eval(), betas, step, curve, fids, extract, stats
+
+
+def save_grid(x, path, nrow):
+    """(N, 3, S, S) in [-1, 1] -> one PNG, nrow images per row, 1-pixel gaps."""
+    import matplotlib.pyplot as plt
+    imgs, S = to_uint8(x), x.shape[-1]
+    rows = math.ceil(len(imgs) / nrow)
+    grid = np.full((rows * (S + 2), nrow * (S + 2), 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        grid[r * (S + 2) + 1:r * (S + 2) + 1 + S, col * (S + 2) + 1:col * (S + 2) + 1 + S] = im
+    plt.imsave(path, grid)
+
+
+def figures(c, model, betas, dev, out, curve, fids):
+    """A class grid (a row per class, or 10x10 unconditional), 4 slerp interpolations of 9 points between two noises
+    with deterministic DDIM, the loss curve and the FID curve."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    g, k = torch.Generator(dev).manual_seed(c['seed']), min(model.null, 10) or 10
+    per = max(1, c['n_samples'] // k)
+    labels = balanced_labels(per * k, model.null).view(per, k).T.flatten()  # row i: per samples of class i
+    save_grid(sample_as_configured(model, labels, c, betas, g, dev), os.path.join(out, 'samples.png'), nrow=per)
+    shape = (4, 3, c['image_size'], c['image_size'])
+    z0, z1 = torch.randn(shape, generator=g, device=dev), torch.randn(shape, generator=g, device=dev)
+    a = torch.linspace(0, 1, 9, device=dev)
+    x_T = torch.stack([slerp(z0, z1, ai) for ai in a], 1).flatten(0, 1)  # (4 * 9, 3, S, S): a row per pair
+    y = balanced_labels(4, model.null).repeat_interleave(9)
+    ddim = dict(c, sampler='ddim', eta=0.0, sample_steps=c['sample_steps'] or 50)
+    save_grid(sample_as_configured(model, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'), nrow=9)
+    for name, points, ylabel in (('loss.png', curve, 'loss'), ('fid.png', fids, 'FID')):
+        if points:
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.plot(*zip(*points), marker='o' if name == 'fid.png' else None)
+            ax.set(xlabel='step', ylabel=ylabel, yscale='log')
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, name), dpi=80)
+            plt.close(fig)
+
+
+def main(argv=None):
+    c = get_config(argv)
+    check_config(c)
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    dev = pick_device(c['device'], int(os.environ.get('LOCAL_RANK', 0)))
+    if c['dtype'] == 'auto':
+        c['dtype'] = 'bfloat16' if dev.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    if c['dtype'] == 'float16' and dev.type != 'cuda':
+        raise SystemExit('ddpm_cifar.py: --dtype float16 needs CUDA; use bfloat16 or float32 here')
+    if c['batch_size'] % world:
+        raise SystemExit(f"ddpm_cifar.py: --batch-size {c['batch_size']} does not split across {world} processes")
+    if world > 1:
+        if dev.type == 'cuda':
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(hours=2))  # rank 0 runs FID alone
+    os.makedirs(c['out_dir'], exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+        shutil.copy(__file__, c['out_dir'])
+        print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
+    try:
+        extract = stats = None
+        if c['sample_only']:
+            ckpt = load_checkpoint(os.path.join(c['out_dir'], 'ckpt.pt'), c)
+            classes, betas, step = ckpt['classes'], make_betas(c), ckpt['step']
+            if not classes and c['cfg_given'] and c['cfg'] != 1:
+                raise SystemExit('ddpm_cifar.py: this checkpoint is unconditional (no classes); drop --cfg')
+            if c['fid']:  # before sampling: a missing package fails at once
+                extract = make_inception(c, dev)
+                stats = reference_stats(c, extract, load_data(c)[0])
+            model = make_model(c, len(classes)).to(dev)
+            model.load_state_dict(ckpt['ema'])
+            model.eval()
+            labels = balanced_labels(c['n_samples'], len(classes))
+            g = torch.Generator(dev).manual_seed(c['seed'])
+            x = torch.cat([sample_as_configured(model, y, c, betas, g, dev) for y in labels.split(500)])
+            extra = {'labels': labels.numpy()} if classes else {}
+            np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x), **extra)
+            save_grid(x[:100], os.path.join(c['out_dir'], 'samples_only.png'), nrow=10)
+            print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x H x W x 3"
+                  f"{', labels' if classes else ''}) and samples_only.png")
+        else:
+            model, betas, step, curve, fids, extract, stats = train(c, dev, c['out_dir'], rank, world)
+            if rank == 0:
+                figures(c, model, betas, dev, c['out_dir'], curve, fids)
+        if c['dataset'] == 'shapes' and rank == 0:
+            shapes_hit_rates(c, model, betas, dev)
+        if c['fid'] and rank == 0 and (c['sample_only'] or not c['fid_every']):  # --fid-every scored the last step already
+            fid, isc, sec = fid_and_is(c, model, betas, extract, stats, dev)
+            print(f"eval | step {step} | fid {fid:.2f} | is {isc:.2f} | {c['fid']} samples, cfg {c['cfg']}, {sec:.0f}s")
+    finally:
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
