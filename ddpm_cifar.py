@@ -4,7 +4,7 @@ Class-conditional DDPM with classifier-free guidance on CIFAR-10 (or any image f
 DDPM (Ho et al. 2020, arXiv:2006.11239): the simple loss |eps - eps_theta(x_t, t, y)|^2 (eq. 14), the linear
 schedule beta 1e-4 .. 0.02 over T = 1000 (or the cosine one, Nichol & Dhariwal eq. 17), the CIFAR-10 U-Net
 (base width 128, multipliers 1,2,2,2, two residual blocks per level, dropout 0.1, self-attention at 16x16;
-35.9M parameters with the class embedding). Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598):
+35.75M parameters with the class embedding). Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598):
 the label is replaced by a learned null class per sample with probability p_uncond during training, and
 sampling uses eps = eps_uncond + s (eps_cond - eps_uncond) (eq. 6 written with s = 1 + w: s = 1 is the
 plain conditional model, s = 0 the unconditional one). Samplers: ancestral (Algorithm 2) and DDIM
@@ -19,7 +19,7 @@ imported only then: pip install torch-fidelity). --fid-every E repeats it every 
 Literature for calibration (50k samples): DDPM unconditional 3.17; EDM conditional 1.79.
 
 Run:
-    python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU (bf16 autocast); ~36M parameters
+    python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU (bf16 autocast); 35.75M parameters
     torchrun --nproc_per_node=8 ddpm_cifar.py --epochs 600 --cfg 3.0   # DDP; --batch-size is global
     python ddpm_cifar.py --dataset folder --data-dir ffhq --image-size 96 --attn-res 24 --channel-mults 1,2,2,2
     python ddpm_cifar.py --preset tiny --dataset shapes --image-size 16   # CPU: 3 generated classes, minutes (README)
@@ -89,7 +89,7 @@ save_every = 1000             # steps between checkpoints
 log_every = 100               # steps between progress lines
 seed = 0                      # data order, noise and initial weights
 
-TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200, epochs=2,
+TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200, epochs=10,
                    batch_size=32, lr=1e-3, warmup=20, ema=0.99, workers=0, sample_steps=20, train_images=2000, log_every=10)
 ARCH = ('dataset', 'image_size', 'channels', 'channel_mults', 'res_blocks', 'attn_res', 'schedule', 'timesteps',
         'beta_start', 'beta_end')
@@ -679,7 +679,7 @@ def figures(c, model, betas, dev, out, curve, fids):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     g, k = torch.Generator(dev).manual_seed(c['seed']), min(model.null, 10) or 10
-    per = max(1, c['n_samples'] // k)
+    per = max(1, min(10, c['n_samples'] // k))
     labels = balanced_labels(per * k, model.null).view(per, k).T.flatten()  # row i: per samples of class i
     save_grid(sample_as_configured(model, labels, c, betas, g, dev), os.path.join(out, 'samples.png'), nrow=per)
     shape = (4, 3, c['image_size'], c['image_size'])

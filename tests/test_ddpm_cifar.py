@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -290,6 +291,27 @@ def test_unconditional_folder_run_refuses_cfg(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         d.main(run + ['--sample-only', 'true', '--cfg', '3'])
     assert 'unconditional (no classes); drop --cfg' in str(e.value)
+
+
+def test_bfloat16_autocast_on_cpu(tmp_path, capsys):
+    d.main(TINY + ['--dataset', 'shapes', '--image-size', '16', '--train-images', '64', '--max-steps', '2', '--dtype', 'bfloat16',
+                   '--out-dir', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'cpu, bfloat16' in out and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    run = [sys.executable, os.path.join(HERE, 'ddpm_cifar.py'), *TINY, '--dataset', 'shapes', '--image-size', '16',
+           '--epochs', '500', '--save-every', '100000', '--out-dir', str(tmp_path)]
+    proc = subprocess.Popen(run, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith('step 4/'):
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and 'interrupted at step' in err and 'Traceback' not in err, err
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] >= 4
 
 
 def losses_of(stdout):
