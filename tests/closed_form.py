@@ -1,5 +1,7 @@
-"""Checks shared by the scripts' tests whose schedules index t = 0..T-1 for the papers' 1..T."""
+"""Checks and helpers shared by the scripts' tests: closed-form checks for schedules indexed t = 0..T-1 (the papers'
+1..T), MNIST-format data for the tiny runs, and reading a checkpoint's step."""
 import math
+import os
 
 import numpy as np
 import torch
@@ -52,3 +54,29 @@ def exact_sampler_moments(betas, steps, method, mu, std):
             A, b, s2 = math.sqrt(ap) * A0 + math.sqrt(1 - ap) * Ae, math.sqrt(ap) * b0 + math.sqrt(1 - ap) * be, 0.0
         m, v = A * m + b, A * A * v + s2
     return m, v
+
+
+def write_mnist(root, n_train=256, n_test=64):
+    """Synthetic digits in MNIST's idx format under root/MNIST/raw: class k is a bar at angle 18k degrees
+    through the centre, so a classifier can learn them; uint8 images, labels 0..9 in turn."""
+    raw = os.path.join(root, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    yy, xx = np.mgrid[0:28, 0:28] - 13.5
+    rng = np.random.default_rng(0)
+    for name, n in (('train', n_train), ('t10k', n_test)):
+        labels = np.arange(n) % 10
+        ang = labels * math.pi / 10 + rng.normal(0, 0.05, n)
+        dist = np.abs(np.cos(ang)[:, None, None] * yy - np.sin(ang)[:, None, None] * xx)  # distance to the line
+        images = (255 * np.clip(2.0 - dist, 0, 1) * (np.hypot(yy, xx) < 11)).astype(np.uint8)
+        with open(os.path.join(raw, f'{name}-images-idx3-ubyte'), 'wb') as f:
+            f.write(np.array([2051, n, 28, 28], '>i4').tobytes() + images.tobytes())
+        with open(os.path.join(raw, f'{name}-labels-idx1-ubyte'), 'wb') as f:
+            f.write(np.array([2049, n], '>i4').tobytes() + labels.astype(np.uint8).tobytes())
+    return root
+
+
+def ckpt_step(path):
+    try:
+        return torch.load(path, weights_only=True)['step']
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1

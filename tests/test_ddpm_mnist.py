@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from closed_form import check_posterior_is_bayes, check_q_sample_is_iterated_chain, exact_sampler_moments
+from closed_form import check_posterior_is_bayes, check_q_sample_is_iterated_chain, ckpt_step, exact_sampler_moments, write_mnist
 
 import ddpm_mnist as d
 
@@ -161,25 +161,6 @@ def test_frechet_distance_of_gaussians():
 
 
 # ---- tiny runs of main() ----
-def write_mnist(root, n_train=256, n_test=64):
-    """Synthetic digits in MNIST's idx format under root/MNIST/raw: class k is a bar at angle 18k degrees
-    through the centre, so a classifier can learn them; uint8 images, labels 0..9 in turn."""
-    raw = os.path.join(root, 'MNIST', 'raw')
-    os.makedirs(raw, exist_ok=True)
-    yy, xx = np.mgrid[0:28, 0:28] - 13.5
-    rng = np.random.default_rng(0)
-    for name, n in (('train', n_train), ('t10k', n_test)):
-        labels = np.arange(n) % 10
-        ang = labels * math.pi / 10 + rng.normal(0, 0.05, n)
-        dist = np.abs(np.cos(ang)[:, None, None] * yy - np.sin(ang)[:, None, None] * xx)  # distance to the line
-        images = (255 * np.clip(2.0 - dist, 0, 1) * (np.hypot(yy, xx) < 11)).astype(np.uint8)
-        with open(os.path.join(raw, f'{name}-images-idx3-ubyte'), 'wb') as f:
-            f.write(np.array([2051, n, 28, 28], '>i4').tobytes() + images.tobytes())
-        with open(os.path.join(raw, f'{name}-labels-idx1-ubyte'), 'wb') as f:
-            f.write(np.array([2049, n], '>i4').tobytes() + labels.astype(np.uint8).tobytes())
-    return root
-
-
 TINY = ['--channels', '16', '--timesteps', '20', '--sample-steps', '5', '--batch-size', '32', '--epochs', '2',
         '--n-samples', '10', '--log-every', '4', '--warmup', '2']
 
@@ -211,13 +192,6 @@ def run_script(*args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
     return subprocess.Popen([sys.executable, os.path.join(HERE, 'ddpm_mnist.py'), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
-
-
-def ckpt_step(path):
-    try:
-        return torch.load(path, weights_only=True)['step']
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return -1
 
 
 def test_resume_after_sigkill_is_exact(data, tmp_path):
