@@ -26,8 +26,8 @@ class histogram KL from uniform, Frechet distance of its features to the test se
 Then bits/dim on --likelihood-images test images (folder: training images).
 
 Run (times on a 2-core CPU; the README has the figures):
-    python score_sde.py --data-dir ../shared/data --eval true --dtype bfloat16 --epochs 9   # VE on MNIST, 26 min
-    python score_sde.py --sde vp --data-dir ../shared/data --eval true                      # the VP SDE, same U-Net
+    python score_sde.py --data-dir ../shared/data --eval true --dtype bfloat16 --epochs 9   # VE on MNIST: 25 + 24 min
+    python score_sde.py --sde vp --data-dir ../shared/data --eval true --dtype bfloat16 --epochs 9   # the VP SDE
     python score_sde.py --preset gpu --dataset cifar10 --sde vp                             # a GPU run
     torchrun --nproc_per_node=2 score_sde.py --preset gpu --dataset folder --data-dir ffhq  # DDP; FFHQ at 96x96
     python score_sde.py --sample-only true --sampler ode --n-samples 1000                   # samples.npz and a grid

@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -80,3 +81,23 @@ def ckpt_step(path):
         return torch.load(path, weights_only=True)['step']
     except (FileNotFoundError, RuntimeError, EOFError):
         return -1
+
+
+def check_foreign_and_broken_checkpoints(main, argv, script):
+    """main(argv) with, as ckpt.pt in its --out-dir, first a checkpoint another script wrote, then a file that is no
+    checkpoint at all: each stops with one line saying so."""
+    ckpt = os.path.join(argv[argv.index('--out-dir') + 1], 'ckpt.pt')
+    torch.save({'model': {}, 'script': 'another_script.py'}, ckpt)
+    for says in (f'not written by {script}', 'not a readable checkpoint'):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert says in str(e.value) and '\n' not in str(e.value), str(e.value)
+        with open(ckpt, 'wb') as f:
+            f.write(b'not a checkpoint')
+
+
+def check_unknown_flag(get_config, capsys):
+    """A misspelt flag is argparse's one usage error (exit 2), naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        get_config(['--epoch', '3'])
+    assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
-from closed_form import check_posterior_is_bayes, check_q_sample_is_iterated_chain, exact_sampler_moments
+from closed_form import (
+    check_foreign_and_broken_checkpoints,
+    check_posterior_is_bayes,
+    check_q_sample_is_iterated_chain,
+    check_unknown_flag,
+    exact_sampler_moments,
+)
 
 import ddpm_cifar as d
 
@@ -379,13 +385,8 @@ def test_wrong_checkpoints_and_nan_keep_the_last_good_one(cifar, skip_md5, tmp_p
         d.main(run + ['--resume', 'true', '--epochs', '3', '--lr', '1e30', '--warmup', '0', '--grad-clip', '0'])
     assert 'loss is' in str(e.value) and 'is kept' in str(e.value)
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 4  # the first run's, untouched
-    torch.save({'model': {}, 'script': 'ddpm_mnist.py'}, tmp_path / 'ckpt.pt')
-    with pytest.raises(SystemExit) as e:
-        d.main(run + ['--sample-only', 'true'])
-    assert 'not written by ddpm_cifar.py' in str(e.value)
+    check_foreign_and_broken_checkpoints(d.main, run + ['--sample-only', 'true'], 'ddpm_cifar.py')
 
 
 def test_unknown_flag_is_one_usage_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        d.get_config(['--epoch', '3'])
-    assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
+    check_unknown_flag(d.get_config, capsys)

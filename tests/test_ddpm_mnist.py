@@ -12,7 +12,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from closed_form import check_posterior_is_bayes, check_q_sample_is_iterated_chain, ckpt_step, exact_sampler_moments, write_mnist
+from closed_form import (
+    check_foreign_and_broken_checkpoints,
+    check_posterior_is_bayes,
+    check_q_sample_is_iterated_chain,
+    check_unknown_flag,
+    ckpt_step,
+    exact_sampler_moments,
+    write_mnist,
+)
 
 import ddpm_mnist as d
 
@@ -272,17 +280,8 @@ def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
     with pytest.raises(SystemExit) as e:
         d.main(flags(data, tmp_path, '--resume', 'true', '--channels', '24'))
     assert 'channels 16 (flag 24)' in str(e.value)
-    torch.save({'model': {}, 'script': 'ddpm_points.py'}, tmp_path / 'ckpt.pt')
-    with pytest.raises(SystemExit) as e:
-        d.main(flags(data, tmp_path, '--sample-only', 'true'))
-    assert 'not written by ddpm_mnist.py' in str(e.value)
-    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(SystemExit) as e:
-        d.main(flags(data, tmp_path, '--sample-only', 'true'))
-    assert 'not a readable checkpoint' in str(e.value)
+    check_foreign_and_broken_checkpoints(d.main, flags(data, tmp_path, '--sample-only', 'true'), 'ddpm_mnist.py')
 
 
 def test_unknown_flag_is_one_usage_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        d.get_config(['--epoch', '3'])
-    assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
+    check_unknown_flag(d.get_config, capsys)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from closed_form import ckpt_step, write_mnist
+from closed_form import check_foreign_and_broken_checkpoints, check_unknown_flag, ckpt_step, write_mnist
 
 import score_sde as s
 
@@ -300,17 +300,8 @@ def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
     with pytest.raises(SystemExit) as e:
         s.main(flags(data, tmp_path, '--resume', 'true', '--sde', 'vp'))
     assert "sde 've' (flag 'vp')" in str(e.value)
-    torch.save({'model': {}, 'script': 'ddpm_mnist.py'}, tmp_path / 'ckpt.pt')
-    with pytest.raises(SystemExit) as e:
-        s.main(flags(data, tmp_path, '--sample-only', 'true'))
-    assert 'not written by score_sde.py' in str(e.value)
-    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(SystemExit) as e:
-        s.main(flags(data, tmp_path, '--sample-only', 'true'))
-    assert 'not a readable checkpoint' in str(e.value)
+    check_foreign_and_broken_checkpoints(s.main, flags(data, tmp_path, '--sample-only', 'true'), 'score_sde.py')
 
 
 def test_unknown_flag_is_one_usage_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        s.get_config(['--epoch', '3'])
-    assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
+    check_unknown_flag(s.get_config, capsys)
