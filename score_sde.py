@@ -437,8 +437,12 @@ def load_images(c, train=True):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(exts))
         if not files:
             raise SystemExit(f'score_sde.py: no images ({", ".join(exts)}) in {root} or its sub-folders; pass --data-dir')
-        size = (c['image_size'], c['image_size'])
-        x = np.stack([np.array(ImageOps.fit(Image.open(f).convert('RGB'), size, Image.BICUBIC)) for f in files])
+        def read(f):
+            try:
+                return np.array(ImageOps.fit(Image.open(f).convert('RGB'), (c['image_size'],) * 2, Image.BICUBIC))
+            except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+                raise SystemExit(f'score_sde.py: cannot read {f} as an image ({type(e).__name__}); remove or fix it') from None
+        x = np.stack([read(f) for f in files])
         return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.full((len(x),), -1)
     from torchvision.datasets import CIFAR10, MNIST
     try:

@@ -291,15 +291,24 @@ def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
     assert says in str(e.value) and '\n' not in str(e.value)
 
 
-def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
+def test_missing_or_bad_data_wrong_checkpoints_and_nan_loss(data, tmp_path):
     for dataset, says in (('mnist', 'no mnist under'), ('folder', 'no images')):  # (cifar10 would download 170 MB online)
         with pytest.raises(SystemExit) as e:
             s.load_images(s.get_config(['--dataset', dataset, '--data-dir', str(tmp_path / 'empty')]))
         assert says in str(e.value) and str(tmp_path / 'empty') in str(e.value) and '\n' not in str(e.value)
+    os.makedirs(tmp_path / 'bad')
+    (tmp_path / 'bad' / 'x.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit) as e:
+        s.load_images(s.get_config(['--dataset', 'folder', '--data-dir', str(tmp_path / 'bad')]))
+    assert 'cannot read' in str(e.value) and 'x.png' in str(e.value)
     s.main(flags(data, tmp_path, '--epochs', '1', '--n-samples', '2'))
     with pytest.raises(SystemExit) as e:
         s.main(flags(data, tmp_path, '--resume', 'true', '--sde', 'vp'))
     assert "sde 've' (flag 'vp')" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        s.main(flags(data, tmp_path, '--resume', 'true', '--epochs', '3', '--lr', '1e30', '--warmup', '0', '--grad-clip', '0'))
+    assert 'loss is' in str(e.value) and 'is kept' in str(e.value)
+    assert ckpt_step(tmp_path / 'ckpt.pt') == 8  # the first run's, untouched
     check_foreign_and_broken_checkpoints(s.main, flags(data, tmp_path, '--sample-only', 'true'), 'score_sde.py')
 
 
