@@ -2,6 +2,9 @@
 1..T), MNIST-format data for the tiny runs, and reading a checkpoint's step."""
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +104,20 @@ def check_unknown_flag(get_config, capsys):
     with pytest.raises(SystemExit) as e:
         get_config(['--epoch', '3'])
     assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
+
+
+def check_ctrl_c_saves(script, argv, ckpt, at_step):
+    """Runs script with argv in a subprocess, sends SIGINT (Ctrl-C) once it prints 'step {at_step}/': it must exit
+    with code 1 and one line (no traceback), with a checkpoint at or after that step, short of the run's end."""
+    proc = subprocess.Popen([sys.executable, script, *argv], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    total = None
+    for line in proc.stdout:
+        if line.startswith(f'step {at_step}/'):
+            total = int(line.split('/')[1].split()[0])
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert total is not None, f'no progress line for step {at_step}: {err[-2000:]}'
+    assert proc.returncode == 1 and 'interrupted at step' in err and 'Traceback' not in err, err
+    assert at_step <= ckpt_step(ckpt) < total

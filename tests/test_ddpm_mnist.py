@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from closed_form import (
+    check_ctrl_c_saves,
     check_foreign_and_broken_checkpoints,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
@@ -224,14 +225,8 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
 
 
 def test_ctrl_c_saves(data, tmp_path):
-    proc = run_script(*flags(data, tmp_path, '--epochs', '200', '--save-every', '1000'))
-    for line in proc.stdout:
-        if line.startswith('step 8/'):
-            break
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate()[1]
-    assert proc.returncode == 1 and 'interrupted at step' in err and 'Traceback' not in err, err
-    assert 8 <= ckpt_step(tmp_path / 'ckpt.pt') < 1600
+    check_ctrl_c_saves(os.path.join(HERE, 'ddpm_mnist.py'), flags(data, tmp_path, '--epochs', '200', '--save-every', '1000'),
+                       tmp_path / 'ckpt.pt', 8)
 
 
 def test_torchrun_ddp_on_cpu(data, tmp_path):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from closed_form import check_foreign_and_broken_checkpoints, check_unknown_flag, ckpt_step, write_mnist
+from closed_form import check_ctrl_c_saves, check_foreign_and_broken_checkpoints, check_unknown_flag, ckpt_step, write_mnist
 
 import score_sde as s
 
@@ -250,6 +250,11 @@ def test_train_resume_sample_only_eval(data, tmp_path, capsys):
     assert 0 < bpd < 30
     for m in ('em', 'em2', 'pc', 'ode'):
         assert (tmp_path / 'a' / f'samples_{m}.png').exists()
+
+
+def test_ctrl_c_saves(data, tmp_path):
+    check_ctrl_c_saves(os.path.join(HERE, 'score_sde.py'), flags(data, tmp_path, '--epochs', '200', '--save-every', '1000'),
+                       tmp_path / 'ckpt.pt', 8)
 
 
 def test_vp_folder_bfloat16_run(tmp_path, capsys):
