@@ -539,12 +539,6 @@ def all_reduce_grads(model, world):
             g.copy_(part.view_as(g))
 
 
-def check_finite(loss, who, step, path):
-    if not torch.isfinite(loss):
-        raise SystemExit(f'gan_baseline.py: {who} loss is {loss.item()} at step {step}; the last good checkpoint {path} '
-                         'is kept; try a lower --lr or --dtype float32')
-
-
 def train(c, dev, out, rank, world, extract):
     """Step s is one D (critic) update on a batch, and a G update after every n_critic-th. The latents, u and
     augmentations of step s come from the RNG seeded by (seed, s, rank), the data order of epoch e from
@@ -588,6 +582,17 @@ def train(c, dev, out, rank, world, extract):
             print(f"eval | {c['eval_samples']} training {'points' if c['dataset'] in TOYS else 'images'} (the floor) | "
                   + evaluator.line(evaluator.floor), flush=True)
     logs, t0, step0 = [], time.time(), step
+
+    def update(loss, model, opt, scaler, who):
+        """One optimizer step of model on loss; a non-finite loss stops the run before any weight changes."""
+        if not torch.isfinite(loss):
+            raise SystemExit(f'gan_baseline.py: {who} loss is {loss.item()} at step {step}; the last good checkpoint '
+                             f'{path} is kept; try a lower --lr or --dtype float32')
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        all_reduce_grads(model, world)
+        scaler.step(opt)
+        scaler.update()
     try:
         while step < stop:
             epoch, start = divmod(step, steps_per_epoch)
@@ -605,24 +610,13 @@ def train(c, dev, out, rank, world, extract):
                     if c['loss'] == 'wgan-gp':
                         u = torch.rand(len(real), *[1] * (real.dim() - 1), device=dev)
                         gp = gradient_penalty(net_d, real, fake, u, scaler_d.get_scale() if scaler_d.is_enabled() else 1.0)
-                loss = d_loss + c['gp_lambda'] * gp
-                check_finite(loss, 'D', step, path)
-                opt_d.zero_grad(set_to_none=True)
-                scaler_d.scale(loss).backward()
-                all_reduce_grads(D, world)
-                scaler_d.step(opt_d)
-                scaler_d.update()
+                update(d_loss + c['gp_lambda'] * gp, D, opt_d, scaler_d, 'D')
                 g_loss = torch.full((), float('nan'), device=dev)
                 if (step + 1) % c['n_critic'] == 0:  # G step, through a frozen D
                     D.requires_grad_(False)
                     with autocast:
                         g_loss = g_loss_fn(c['loss'], net_d(aug(net_g(torch.randn_like(z)))).float(), c['saturating'])
-                    check_finite(g_loss, 'G', step, path)
-                    opt_g.zero_grad(set_to_none=True)
-                    scaler_g.scale(g_loss).backward()
-                    all_reduce_grads(G, world)
-                    scaler_g.step(opt_g)
-                    scaler_g.update()
+                    update(g_loss, G, opt_g, scaler_g, 'G')
                     D.requires_grad_(True)
                     with torch.no_grad():  # warm-up: the average covers at most the G steps taken so far
                         n = (step + 1) // c['n_critic']
