@@ -412,7 +412,11 @@ class Classifier(nn.Module):
 def get_classifier(c, dev, path):
     net = Classifier().to(dev)
     if os.path.exists(path):
-        net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+        try:
+            net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+        except Exception as e:  # not a file torch can read, or another network's weights
+            raise SystemExit(f'ddpm_mnist.py: {path} is not the MNIST judge\'s weights ({type(e).__name__}); pass the '
+                             'classifier.pt a run wrote, or --classifier \'\' to train one') from None
         return net.eval()
     x, y = load_mnist(c['data_dir'])
     g = torch.Generator().manual_seed(c['seed'])

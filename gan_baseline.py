@@ -383,7 +383,11 @@ def get_classifier(c, dev, path):
     """The judge at path, or trained as ddpm_mnist.py trains it (5 epochs, Adam 1e-3 cosine-decayed; 99.0%)."""
     net = Classifier().to(dev)
     if os.path.exists(path):
-        net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+        try:
+            net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+        except Exception as e:  # not a file torch can read, or another network's weights
+            raise SystemExit(f'gan_baseline.py: {path} is not the MNIST judge\'s weights ({type(e).__name__}); pass the '
+                             'classifier.pt a run wrote, or --classifier \'\' to train one') from None
         return net.eval()
     x, y = load_images(c)
     g = torch.Generator().manual_seed(c['seed'])

@@ -293,3 +293,13 @@ def test_missing_data_wrong_checkpoints_and_nan_loss(data, tmp_path, monkeypatch
 
 def test_unknown_flag_is_one_usage_error(capsys):
     check_unknown_flag(gb.get_config, capsys)
+
+
+def test_wrong_classifier_file_is_one_line(tmp_path):
+    """--classifier pointing at junk or at another network's weights stops with one line, not a traceback."""
+    (tmp_path / 'junk.pt').write_bytes(b'not weights')
+    torch.save({'G': {}, 'script': 'gan_baseline.py'}, tmp_path / 'ckpt.pt')
+    for name in ('junk.pt', 'ckpt.pt'):
+        with pytest.raises(SystemExit) as e:
+            gb.get_classifier(gb.get_config([]), torch.device('cpu'), str(tmp_path / name))
+        assert "is not the MNIST judge's weights" in str(e.value) and '\n' not in str(e.value)
