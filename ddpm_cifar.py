@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -69,7 +70,7 @@ grad_clip = 1.0               # max gradient norm; 0 = off
 ema = 0.9999                  # decay of the weight average that is sampled from
 flip = True                   # random horizontal flips of the training images
 train_images = 0              # 0 = all; fewer for quick runs
-workers = 4                   # DataLoader worker processes; 0 = load in the main process
+workers = 4                   # DataLoader worker processes decoding a --dataset folder; 0 = in the main process
 sampler = 'ddim'              # 'ddim' | 'ddpm'
 sample_steps = 50             # reverse steps; 0 = T (DDPM runs all T)
 eta = 0.0                     # DDIM noise: 0 = deterministic, 1 = DDPM-like
@@ -86,7 +87,7 @@ resume = False                # continue from out_dir/ckpt.pt
 sample_only = False           # load out_dir/ckpt.pt (EMA weights) and write n_samples to samples.npz
 max_steps = 0                 # stop after this many steps (the lr schedule keeps its full length); 0 = all
 save_every = 1000             # steps between checkpoints
-log_every = 100               # steps between progress lines
+log_every = 100               # steps between progress lines; each checks the loss is finite
 seed = 0                      # data order, noise and initial weights
 
 TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200, epochs=10,
@@ -476,8 +477,9 @@ def make_shapes(n, size, seed):
 
 
 def load_data(c):
-    """The training set as a Dataset of (uint8 (3, S, S), label) and its class names ([] = unconditional)."""
-    root = os.path.abspath(c['data_dir'])
+    """The training set (its first --train-images) as a Dataset of (uint8 (3, S, S), label) and its class names
+    ([] = unconditional)."""
+    root, n = os.path.abspath(c['data_dir']), c['train_images'] or None
     if c['dataset'] == 'shapes':
         return make_shapes(c['train_images'] or 3000, c['image_size'], c['seed'])
     if c['dataset'] == 'folder':
@@ -485,6 +487,7 @@ def load_data(c):
         if not ds:
             raise SystemExit(f'ddpm_cifar.py: no images ({", ".join(FolderImages.EXTS)}) in {root} or its sub-folders; '
                              'pass --data-dir, with one sub-folder per class for a conditional model')
+        ds.items = ds.items[:n]
         return ds, ds.classes
     from torchvision.datasets import CIFAR10
     try:
@@ -493,24 +496,29 @@ def load_data(c):
         raise SystemExit(f'ddpm_cifar.py: no CIFAR-10 under {os.path.join(root, "cifar-10-batches-py")} and the download '
                          f'failed ({type(e).__name__}); place the extracted cifar-10-python.tar.gz there (data_batch_1..5, '
                          'test_batch, batches.meta), or pass --data-dir') from None
-    x = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
-    return torch.utils.data.TensorDataset(x, torch.tensor(cifar.targets)), cifar.classes
+    x = torch.from_numpy(cifar.data[:n]).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    return torch.utils.data.TensorDataset(x, torch.tensor(cifar.targets[:n])), cifar.classes
 
 
 # ---- train ----
-def pick_device(name, local_rank=None):
-    """'auto' is cuda (this rank's GPU under torchrun), then mps, then cpu; any other name must parse and be present."""
+def pick_device(name, local_rank=0):
+    """'auto' is cuda, then mps, then cpu; any other name must parse and be present. Under torchrun each process takes
+    the GPU of its LOCAL_RANK, and more processes than GPUs stop here, in every process, with the same line."""
     if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda', local_rank or 0)
-        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"ddpm_cifar.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
-    if {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
-        return dev
-    raise SystemExit(f'ddpm_cifar.py: --device {name} is not available on this machine; try --device auto')
+    if not {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
+        raise SystemExit(f'ddpm_cifar.py: --device {name} is not available on this machine; try --device auto')
+    if dev.type == 'cuda' and dev.index is None:
+        gpus, procs = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        if procs > gpus:
+            raise SystemExit(f'ddpm_cifar.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
+                             f'--nproc_per_node={gpus} (one process per GPU), or --device cpu')
+        dev = torch.device('cuda', local_rank)
+    return dev
 
 
 def peak_memory_gb(dev):
@@ -546,16 +554,36 @@ def save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids):
     os.replace(path + '.tmp', path)
 
 
+def catch_stop_signals():
+    """SIGINT (Ctrl-C, sent to the whole process group) and SIGTERM (a scheduler's notice before its kill) only note
+    themselves: the loop saves and stops at the next step boundary, wherever the signal landed (native code, compiled
+    code, a loader's queue). Returns the list of caught signals and a function that puts the old handlers back."""
+    caught, sigs = [], (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs]
+    return caught, lambda: [signal.signal(s, h) for s, h in zip(sigs, old)]
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers leave stopping to the main process (a dead worker would end the run before it saves)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def on_device(x, dev):
+    """x on the device if it takes under a quarter of the free GPU memory (CIFAR-10: 150 MB of uint8), else on the host."""
+    fits = dev.type != 'cuda' or x.nbytes < torch.cuda.mem_get_info(dev)[0] / 4
+    return x.to(dev) if fits else x
+
+
 def train(c, dev, out, rank, world):
-    """Step s draws t, noise, flips and label drops for the whole global batch from a generator seeded by (seed, s),
-    and rank r takes rows r, r + world, ...: DistributedSampler deals the epoch's order out the same way, so any
-    number of processes trains the same model as one, and --resume continues exactly without saving RNG state."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    """Step s draws t, noise, flips and label drops for the whole global batch on the device from a generator seeded by
+    (seed, s), and rank r takes rows r, r + world, ...: DistributedSampler deals the epoch's order out the same way, so
+    any number of processes trains the same model as one, and --resume continues exactly without saving RNG state.
+    Nothing waits for the GPU in a step: the loss's finiteness and a stop signal are acted on at each log and save."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
     ds, classes = load_data(c)
-    if c['train_images']:
-        ds = torch.utils.data.Subset(ds, range(min(c['train_images'], len(ds))))
     if not classes and c['cfg_given'] and c['cfg'] != 1:
         raise SystemExit(f"ddpm_cifar.py: {c['data_dir']} has no class sub-folders, so the model is unconditional; drop --cfg")
     if ckpt and ckpt['classes'] != classes:
@@ -564,23 +592,24 @@ def train(c, dev, out, rank, world):
     betas = make_betas(c)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
     torch.manual_seed(c['seed'])
-    model = make_model(c, len(classes)).to(dev)
-    ema = make_model(c, len(classes)).to(dev).requires_grad_(False)
+    layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format  # EMA in the model's layout
+    model = make_model(c, len(classes)).to(dev, memory_format=layout)
+    ema = make_model(c, len(classes)).to(dev, memory_format=layout).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], weight_decay=c['weight_decay'])
+    opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], weight_decay=c['weight_decay'], fused=dev.type == 'cuda')
     scaler = torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16')
     step, fids = 0, []
     if ckpt:
+        for group in ckpt['optimizer']['param_groups']:
+            group['fused'] = dev.type == 'cuda'  # whatever device wrote it
         for obj, key in ((model, 'model'), (ema, 'ema'), (opt, 'optimizer'), (scaler, 'scaler')):
             obj.load_state_dict(ckpt[key])
         step, fids = ckpt['step'], ckpt['fid']
-    if dev.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if c['compile'] else model
-    if world > 1:
+    if dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == 'cuda' else None)
     autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
-    B, per_rank = c['batch_size'], c['batch_size'] // world
+    B, per_rank, S = c['batch_size'], c['batch_size'] // world, c['image_size']
     sampler = DistributedSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=c['seed'], drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
@@ -593,70 +622,86 @@ def train(c, dev, out, rank, world):
         print(f"data: {len(ds):,} images, {len(classes) or 'no'} classes | {c['schedule']} schedule, T {len(betas)} | "
               f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, {world} process(es) | "
               f"{stop} of {total} steps of batch {B}" + (f' | resumed at step {step}' if step else ''))
-    losses, curve, t0, step0 = [], [], time.time(), step
-    try:
-        while step < stop:
-            epoch, start = divmod(step, steps_per_epoch)
+
+    def order(where):  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
+        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
             sampler.set_epoch(epoch)
-            batches = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)[start:]
-            loader = DataLoader(ds, batch_sampler=batches.tolist(), num_workers=c['workers'], pin_memory=dev.type == 'cuda')
-            for x, y in loader:
-                g = torch.Generator().manual_seed(c['seed'] * 1_000_003 + step)  # this step's t, noise, flips, drops
-                t = torch.randint(0, len(betas), (B,), generator=g)[rank::world].to(dev)
-                noise = torch.randn((B,) + x.shape[1:], generator=g)[rank::world].to(dev)
-                mirror = (torch.rand(B, generator=g) < 0.5)[rank::world].to(dev) & c['flip']
-                drop = torch.rand(B, generator=g)[rank::world].to(dev)
-                torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # dropout
-                x0 = x.to(dev, non_blocking=True).float() / 127.5 - 1
-                x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-                y = drop_labels(y.to(dev), len(classes), c['p_uncond'], drop) if classes else torch.zeros_like(y).to(dev)
-                xt = q_sample(x0, alphas_cumprod[t].view(-1, 1, 1, 1), noise)
-                if dev.type == 'cuda':
-                    xt = xt.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    loss = (net(xt, t, y).float() - noise).square().mean()
-                if not torch.isfinite(loss):
-                    raise SystemExit(f'ddpm_cifar.py: loss is {loss.item()} at step {step}; the last good checkpoint {path} '
-                                     'is kept; try a lower --lr or --dtype float32')
-                for group in opt.param_groups:
-                    group['lr'] = lr_at(step)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if c['grad_clip']:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), c['grad_clip'])
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
-                losses.append(loss.detach())
-                if step % c['log_every'] == 0 or step == stop:
-                    mean = torch.stack(losses).mean()
-                    if world > 1:
-                        dist.all_reduce(mean)
-                        mean /= world
-                    curve.append((step, mean.item()))
-                    losses = []
-                    if rank == 0:
-                        ms = (time.time() - t0) / (step - step0) * 1e3
-                        print(f"step {step}/{stop} | loss {mean.item():.4f} | lr {lr_at(step - 1):.1e} | {ms:.1f} ms/step | "
-                              f"{B / ms * 1e3:,.0f} img/s | peak mem {peak_memory_gb(dev):.2f} GB | "
-                              f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
-                if rank == 0 and c['fid_every'] and (step % (c['fid_every'] * steps_per_epoch) == 0 or step == stop):
-                    fid, isc, sec = fid_and_is(c, ema.eval(), betas, extract, stats, dev)
-                    fids.append([step, fid])
-                    print(f"eval | epoch {step / steps_per_epoch:.2f} | step {step} | fid {fid:.2f} | is {isc:.2f} | "
-                          f"{c['fid']} samples, {sec:.0f}s", flush=True)
-                if rank == 0 and (step % c['save_every'] == 0 or step == stop):
-                    save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
-                if step == stop:
-                    break
-    except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
-        raise SystemExit(f'ddpm_cifar.py: interrupted at step {step}; saved {path}; continue with --resume true') from None
+            rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank).to(where)
+            yield from rows[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+    if isinstance(ds, TensorDataset):  # CIFAR-10, shapes: batches indexed out of tensors held on the device
+        x_all, y_all = (on_device(v, dev) for v in ds.tensors)
+        batches = ((x_all[i], y_all[i]) for i in order(x_all.device))
+    else:  # an image folder: decoded by worker processes, one loader for the whole run
+        batches = DataLoader(ds, batch_sampler=(i.tolist() for i in order('cpu')), num_workers=c['workers'],
+                             pin_memory=dev.type == 'cuda', worker_init_fn=ignore_stop_signals)
+    g = torch.Generator(dev)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    losses, curve, t_win, s_win = [], [], time.time(), step
+    caught, restore_signals = catch_stop_signals()
+    try:
+        for x, y in batches:
+            # noise draw: this step's t, noise, flips and label drops for the global batch; this rank's rows
+            g.manual_seed(c['seed'] * 1_000_003 + step)
+            t = torch.randint(0, len(betas), (B,), generator=g, device=dev)[rank::world]
+            noise = torch.randn((B, 3, S, S), generator=g, device=dev)[rank::world]
+            mirror = (torch.rand(B, generator=g, device=dev) < 0.5)[rank::world] & c['flip']
+            drop = torch.rand(B, generator=g, device=dev)[rank::world]
+            torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # dropout
+            x0 = x.to(dev, non_blocking=True).float() / 127.5 - 1
+            x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
+            y = drop_labels(y.to(dev, non_blocking=True), len(classes), c['p_uncond'], drop) if classes else torch.zeros_like(t)
+            xt = q_sample(x0, alphas_cumprod[t].view(-1, 1, 1, 1), noise).contiguous(memory_format=layout)
+            # loss (eq. 14)
+            with autocast:
+                loss = (net(xt, t, y).float() - noise).square().mean()
+            # update
+            for group in opt.param_groups:
+                group['lr'] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if c['grad_clip']:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, c['grad_clip'])
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            # EMA, one fused op; warm-up: the average covers at most the steps taken so far
+            torch._foreach_lerp_(ema_params, params, 1 - min(c['ema'], (1 + step) / (10 + step)))
+            # log, eval, save: the only places that wait for the device
+            losses.append(loss.detach())
+            log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
+            if not (log or save or (caught and world == 1)):
+                continue
+            both = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bool(caught)), device=dev)])
+            if world > 1:  # the ranks agree on the loss and on stopping
+                dist.all_reduce(both)
+            mean, stopping = (both / world).tolist()
+            if not math.isfinite(mean):
+                raise SystemExit(f'ddpm_cifar.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last good '
+                                 f'checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            if log:
+                curve.append((step, mean))
+                ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
+                if rank == 0:
+                    print(f"step {step}/{stop} | loss {mean:.4f} | lr {lr_at(step - 1):.1e} | {ms:.1f} ms/step | "
+                          f"{B / ms * 1e3:,.0f} img/s | peak mem {peak_memory_gb(dev):.2f} GB | "
+                          f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
+                losses, s_win = [], step
+            t_pause = time.time()
+            if rank == 0 and c['fid_every'] and (step % (c['fid_every'] * steps_per_epoch) == 0 or step == stop):
+                fid, isc, sec = fid_and_is(c, ema.eval(), betas, extract, stats, dev)
+                fids.append([step, fid])
+                print(f"eval | epoch {step / steps_per_epoch:.2f} | step {step} | fid {fid:.2f} | is {isc:.2f} | "
+                      f"{c['fid']} samples, {sec:.0f}s", flush=True)
+            if rank == 0 and (save or stopping > 0):
+                save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
+            if stopping > 0:
+                why = signal.Signals(caught[0]).name if caught else 'a signal to another rank'
+                raise SystemExit(f'ddpm_cifar.py: interrupted at step {step} ({why}); saved {path}; '
+                                 'continue with --resume true')
+            t_win = time.time() if log else t_win + time.time() - t_pause
+    finally:
+        restore_signals()
     return ema.eval(), betas, step, curve, fids, extract, stats
 
 
@@ -708,9 +753,10 @@ def main(argv=None):
         c['dtype'] = 'bfloat16' if dev.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     if c['dtype'] == 'float16' and dev.type != 'cuda':
         raise SystemExit('ddpm_cifar.py: --dtype float16 needs CUDA; use bfloat16 or float32 here')
+    torch.backends.cudnn.benchmark = dev.type == 'cuda'  # the fastest convolution algorithms for these shapes
     if c['batch_size'] % world:
         raise SystemExit(f"ddpm_cifar.py: --batch-size {c['batch_size']} does not split across {world} processes")
-    if world > 1:
+    if 'RANK' in os.environ:  # started by torchrun: a process group, even of one process
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(hours=2))  # rank 0 runs FID alone
@@ -751,7 +797,7 @@ def main(argv=None):
             fid, isc, sec = fid_and_is(c, model, betas, extract, stats, dev)
             print(f"eval | step {step} | fid {fid:.2f} | is {isc:.2f} | {c['fid']} samples, cfg {c['cfg']}, {sec:.0f}s")
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

@@ -45,6 +45,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -89,8 +90,8 @@ compile = False               # torch.compile G and D for training
 resume = False                # continue from out_dir/ckpt.pt
 sample_only = False           # load out_dir/ckpt.pt, write samples.npz and samples.png
 max_steps = 0                 # stop (saving) after this many D steps in total; 0 = all epochs
-save_every = 1000             # steps between checkpoints (also at the end, and on Ctrl-C)
-log_every = 200               # steps between progress lines
+save_every = 1000             # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
+log_every = 200               # steps between progress lines; each checks the losses are finite
 seed = 0                      # data order, latents, initial weights
 
 TOY_PRESET = dict(z_dim=2, hidden=128, batch_size=256, lr=1e-3, gp_lambda=1.0, ema=0.999, epochs=60, eval_samples=2500,
@@ -491,19 +492,24 @@ class Evaluator:
 
 
 # ---- train ----
-def pick_device(name, local_rank=None):
-    """'auto' is cuda (this rank's GPU under torchrun), then mps, then cpu; any other name must parse and be present."""
+def pick_device(name, local_rank=0):
+    """'auto' is cuda, then mps, then cpu; any other name must parse and be present. Under torchrun each process takes
+    the GPU of its LOCAL_RANK, and more processes than GPUs stop here, in every process, with the same line."""
     if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda', local_rank or 0)
-        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"gan_baseline.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
-    if {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
-        return dev
-    raise SystemExit(f'gan_baseline.py: --device {name} is not available on this machine; try --device auto')
+    if not {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
+        raise SystemExit(f'gan_baseline.py: --device {name} is not available on this machine; try --device auto')
+    if dev.type == 'cuda' and dev.index is None:
+        gpus, procs = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        if procs > gpus:
+            raise SystemExit(f'gan_baseline.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
+                             f'--nproc_per_node={gpus} (one process per GPU), or --device cpu')
+        dev = torch.device('cuda', local_rank)
+    return dev
 
 
 def load_checkpoint(path, c):
@@ -543,24 +549,44 @@ def all_reduce_grads(model, world):
             g.copy_(part.view_as(g))
 
 
+def catch_stop_signals():
+    """SIGINT (Ctrl-C, sent to the whole process group) and SIGTERM (a scheduler's notice before its kill) only note
+    themselves: the loop saves and stops at the next step boundary, wherever the signal landed (native code, compiled
+    code). Returns the list of caught signals and a function that puts the old handlers back."""
+    caught, sigs = [], (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs]
+    return caught, lambda: [signal.signal(s, h) for s, h in zip(sigs, old)]
+
+
+def on_device(x, dev):
+    """x on the device if it takes under a quarter of the free GPU memory (CIFAR-10: 150 MB of uint8), else on the host."""
+    fits = dev.type != 'cuda' or x.nbytes < torch.cuda.mem_get_info(dev)[0] / 4
+    return x.to(dev) if fits else x
+
+
 def train(c, dev, out, rank, world, extract):
     """Step s is one D (critic) update on a batch, and a G update after every n_critic-th. The latents, u and
-    augmentations of step s come from the RNG seeded by (seed, s, rank), the data order of epoch e from
-    DistributedSampler's (seed, e): --resume needs no RNG state to continue the run exactly."""
+    augmentations of step s are drawn on the device from the RNG seeded by (seed, s, rank), the data order of epoch e
+    comes from DistributedSampler's (seed, e): --resume needs no RNG state to continue the run exactly. (Batch norm's
+    statistics are per rank, so unlike the diffusion scripts the world size changes the model anyway.) Nothing waits
+    for the device in a step: the losses' finiteness and a stop signal are acted on at each log and save."""
     from torch.utils.data import DistributedSampler
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
     data = load_data(c)
     torch.manual_seed(c['seed'])
-    G, D = (m.to(dev) for m in make_models(c))
-    ema = make_models(c)[0].to(dev).requires_grad_(False)
+    layout = torch.channels_last if dev.type == 'cuda' and c['dataset'] not in TOYS else torch.contiguous_format
+    G, D = (m.to(dev, memory_format=layout) for m in make_models(c))
+    ema = make_models(c)[0].to(dev, memory_format=layout).requires_grad_(False)
     ema.load_state_dict(G.state_dict())
-    opt_g = torch.optim.Adam(G.parameters(), lr=c['lr'], betas=(c['beta1'], c['beta2']))
-    opt_d = torch.optim.Adam(D.parameters(), lr=c['lr'], betas=(c['beta1'], c['beta2']))
+    adam = lambda m: torch.optim.Adam(m.parameters(), lr=c['lr'], betas=(c['beta1'], c['beta2']), fused=dev.type == 'cuda')
+    opt_g, opt_d = adam(G), adam(D)
     scaler_g, scaler_d = (torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16') for _ in range(2))
     state = dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
     step, evals = 0, []
     if ckpt:
+        for group in ckpt['opt_g']['param_groups'] + ckpt['opt_d']['param_groups']:
+            group['fused'] = dev.type == 'cuda'  # whatever device wrote it
         for k, obj in state.items():
             obj.load_state_dict(ckpt[k])
         step, evals = ckpt['step'], ckpt['evals']
@@ -576,6 +602,7 @@ def train(c, dev, out, rank, world, extract):
     total = c['epochs'] * steps_per_epoch
     stop = min(total, c['max_steps'] or total)
     evaluator = Evaluator(c, dev, out, data, extract) if rank == 0 else None
+    data = on_device(data, dev)
     if rank == 0:
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         print(f"data: {len(data):,} {c['dataset']} {'points' if c['dataset'] in TOYS else 'images'} "
@@ -585,80 +612,93 @@ def train(c, dev, out, rank, world, extract):
         if evaluator.floor:
             print(f"eval | {c['eval_samples']} training {'points' if c['dataset'] in TOYS else 'images'} (the floor) | "
                   + evaluator.line(evaluator.floor), flush=True)
-    logs, t0, step0 = [], time.time(), step
 
-    def update(loss, model, opt, scaler, who):
-        """One optimizer step of model on loss; a non-finite loss stops the run before any weight changes."""
-        if not torch.isfinite(loss):
-            raise SystemExit(f'gan_baseline.py: {who} loss is {loss.item()} at step {step}; the last good checkpoint '
-                             f'{path} is kept; try a lower --lr or --dtype float32')
+    def order():  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
+        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
+            sampler.set_epoch(epoch)
+            rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
+            yield from rows.to(data.device)[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+
+    def update(loss, model, opt, scaler):
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         all_reduce_grads(model, world)
         scaler.step(opt)
         scaler.update()
+    g_params, ema_params, g_buffers, ema_buffers = (list(f()) for f in (G.parameters, ema.parameters, G.buffers,
+                                                                         ema.buffers))
+    logs, t_win, s_win = [], time.time(), step
+    caught, restore_signals = catch_stop_signals()
     try:
-        while step < stop:
-            epoch, start = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
-            for idx in order[start:]:
-                torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # this step's z, u and augmentations
-                real = to_model_input(data[idx].to(dev, non_blocking=True), c)
-                z = torch.randn(len(real), c['z_dim'], device=dev)
-                with autocast:  # D (critic) step
-                    with torch.no_grad():
-                        fake = net_g(z).float()
-                    d_loss = d_loss_fn(c['loss'], net_d(aug(real)).float(), net_d(aug(fake)).float())
-                    gp = torch.zeros((), device=dev)
-                    if c['loss'] == 'wgan-gp':
-                        u = torch.rand(len(real), *[1] * (real.dim() - 1), device=dev)
-                        gp = gradient_penalty(net_d, real, fake, u, scaler_d.get_scale() if scaler_d.is_enabled() else 1.0)
-                update(d_loss + c['gp_lambda'] * gp, D, opt_d, scaler_d, 'D')
-                g_loss = torch.full((), float('nan'), device=dev)
-                if (step + 1) % c['n_critic'] == 0:  # G step, through a frozen D
-                    D.requires_grad_(False)
-                    with autocast:
-                        g_loss = g_loss_fn(c['loss'], net_d(aug(net_g(torch.randn_like(z)))).float(), c['saturating'])
-                    update(g_loss, G, opt_g, scaler_g, 'G')
-                    D.requires_grad_(True)
-                    with torch.no_grad():  # warm-up: the average covers at most the G steps taken so far
-                        n = (step + 1) // c['n_critic']
-                        decay = min(c['ema'], (1 + n) / (10 + n))
-                        for pe, pm in zip(ema.parameters(), G.parameters()):
-                            pe.lerp_(pm, 1 - decay)
-                        for be, bm in zip(ema.buffers(), G.buffers()):  # batch norm's running statistics
-                            be.copy_(bm)
-                step += 1
-                logs.append(torch.stack([d_loss.detach(), g_loss.detach(), gp.detach()]))
-                if step % c['log_every'] == 0 or step == stop:
-                    mean = torch.stack(logs).nanmean(0)
-                    if world > 1:
-                        dist.all_reduce(mean)
-                        mean /= world
-                    logs = []
-                    if rank == 0:
-                        ms = (time.time() - t0) / (step - step0) * 1e3
-                        gp_part = f' | gp {mean[2]:.4f}' if c['loss'] == 'wgan-gp' else ''
-                        print(f"step {step}/{stop} | d {mean[0]:.4f} | g {mean[1]:.4f}{gp_part} | {ms:.1f} ms/step | "
-                              f"{c['batch_size'] / ms * 1e3:,.0f} img/s | eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
-                every = c['fid_every'] * steps_per_epoch
-                if rank == 0 and ((every and step % every == 0) or step == stop):
-                    te = time.time()
-                    m = evaluator(ema.eval() if c['ema'] else G.eval())
-                    G.train()
-                    evals.append([step, step / steps_per_epoch, m])
-                    print(f'eval | step {step} | epoch {step / steps_per_epoch:.2f} | ' + evaluator.line(m)
-                          + f' | {time.time() - te:.0f}s', flush=True)
-                    t0 += time.time() - te  # the progress line's speed is training's alone
-                if rank == 0 and (step % c['save_every'] == 0 or step == stop):
-                    save_checkpoint(path, state, step, c, evals)
-                if step == stop:
-                    break
-    except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(path, state, step, c, evals)
-        raise SystemExit(f'gan_baseline.py: interrupted at step {step}; saved {path}; continue with --resume true') from None
+        for idx in order():
+            # noise draw: this step's z, u and augmentations
+            torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)
+            real = to_model_input(data[idx].to(dev, non_blocking=True), c).contiguous(memory_format=layout)
+            z = torch.randn(len(real), c['z_dim'], device=dev)
+            # D (critic) step; the penalty through the uncompiled D (compiled graphs have no double backward), its
+            # gradient unscaled by the scaler's scale, kept on the device
+            with autocast:
+                with torch.no_grad():
+                    fake = net_g(z).float()
+                d_loss = d_loss_fn(c['loss'], net_d(aug(real)).float(), net_d(aug(fake)).float())
+                gp = torch.zeros((), device=dev)
+                if c['loss'] == 'wgan-gp':
+                    u = torch.rand(len(real), *[1] * (real.dim() - 1), device=dev)
+                    gp = gradient_penalty(D, real, fake, u, scaler_d.scale(torch.ones((), device=dev)))
+            update(d_loss + c['gp_lambda'] * gp, D, opt_d, scaler_d)
+            # G step, through a frozen D, after every n_critic-th D step; then the EMA of G
+            g_step = (step + 1) % c['n_critic'] == 0
+            g_loss = torch.zeros((), device=dev)
+            if g_step:
+                D.requires_grad_(False)
+                with autocast:
+                    g_loss = g_loss_fn(c['loss'], net_d(aug(net_g(torch.randn_like(z)))).float(), c['saturating'])
+                update(g_loss, G, opt_g, scaler_g)
+                D.requires_grad_(True)
+                n = (step + 1) // c['n_critic']  # warm-up: the average covers at most the G steps taken so far
+                torch._foreach_lerp_(ema_params, g_params, 1 - min(c['ema'], (1 + n) / (10 + n)))
+                if g_buffers:  # batch norm's running statistics
+                    torch._foreach_copy_(ema_buffers, g_buffers)
+            step += 1
+            # log, eval, save: the only places that wait for the device
+            logs.append(torch.stack([d_loss.detach(), g_loss.detach(), gp.detach(), torch.full((), float(g_step), device=dev)]))
+            log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
+            every = c['fid_every'] * steps_per_epoch
+            evaluate = (every and step % every == 0) or step == stop
+            if not (log or save or evaluate or (caught and world == 1)):
+                continue
+            sums = torch.cat([torch.stack(logs).sum(0), torch.tensor([float(bool(caught))], device=dev)])
+            if world > 1:  # the ranks agree on the losses and on stopping
+                dist.all_reduce(sums)
+            d_sum, g_sum, gp_sum, g_steps, stopping = sums.tolist()
+            if not math.isfinite(d_sum + g_sum + gp_sum):
+                raise SystemExit(f'gan_baseline.py: a loss is {d_sum + g_sum + gp_sum} in steps {step - len(logs) + 1}-'
+                                 f'{step}; the last good checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            if log:
+                ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
+                if rank == 0:
+                    n = len(logs) * world
+                    gp_part = f' | gp {gp_sum / n:.4f}' if c['loss'] == 'wgan-gp' else ''
+                    print(f"step {step}/{stop} | d {d_sum / n:.4f} | g {g_sum / g_steps if g_steps else math.nan:.4f}"
+                          f"{gp_part} | {ms:.1f} ms/step | {c['batch_size'] / ms * 1e3:,.0f} img/s | "
+                          f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
+                logs, s_win = [], step
+            t_pause = time.time()
+            if rank == 0 and evaluate:
+                m = evaluator(ema.eval() if c['ema'] else G.eval())
+                G.train()
+                evals.append([step, step / steps_per_epoch, m])
+                print(f'eval | step {step} | epoch {step / steps_per_epoch:.2f} | ' + evaluator.line(m)
+                      + f' | {time.time() - t_pause:.0f}s', flush=True)
+            if rank == 0 and (save or stopping > 0):
+                save_checkpoint(path, state, step, c, evals)
+            if stopping > 0:
+                why = signal.Signals(caught[0]).name if caught else 'a signal to another rank'
+                raise SystemExit(f'gan_baseline.py: interrupted at step {step} ({why}); saved {path}; '
+                                 'continue with --resume true')
+            t_win = time.time() if log else t_win + time.time() - t_pause
+    finally:
+        restore_signals()
     return (ema if c['ema'] else G).eval(), evals
 
 
@@ -720,9 +760,10 @@ def main(argv=None):
     dev = pick_device(c['device'], int(os.environ.get('LOCAL_RANK', 0)))
     if c['dtype'] == 'float16' and dev.type != 'cuda':
         raise SystemExit('gan_baseline.py: --dtype float16 needs CUDA; use bfloat16 or float32 here')
+    torch.backends.cudnn.benchmark = dev.type == 'cuda'  # the fastest convolution algorithms for these shapes
     if c['batch_size'] % world:
         raise SystemExit(f"gan_baseline.py: --batch-size {c['batch_size']} does not split across {world} processes")
-    if world > 1:
+    if 'RANK' in os.environ:  # started by torchrun: a process group, even of one process
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
@@ -755,7 +796,7 @@ def main(argv=None):
             if rank == 0:
                 figures(c, G, dev, c['out_dir'], evals)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

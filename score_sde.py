@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -92,8 +93,8 @@ compile = False               # torch.compile the training model
 resume = False                # continue from out_dir/ckpt.pt
 sample_only = False           # load out_dir/ckpt.pt (EMA weights), write samples.npz and samples.png
 max_steps = 0                 # stop (saving) after this many steps in total; 0 = all epochs
-save_every = 500              # steps between checkpoints (also at the end, and on Ctrl-C)
-log_every = 100               # steps between progress lines
+save_every = 500              # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
+log_every = 100               # steps between progress lines; each checks the loss is finite
 seed = 0                      # data order, noise, initial weights and Fourier features
 
 GPU_PRESET = dict(patch=1, channels=128, channel_mults='1,2,2', res_blocks=2, attn_res='16,14', dropout=0.1, epochs=200,
@@ -554,19 +555,24 @@ def evaluate(c, model, dev, out):
 
 
 # ---- train ----
-def pick_device(name, local_rank=None):
-    """'auto' is cuda (this rank's GPU under torchrun), then mps, then cpu; any other name must parse and be present."""
+def pick_device(name, local_rank=0):
+    """'auto' is cuda, then mps, then cpu; any other name must parse and be present. Under torchrun each process takes
+    the GPU of its LOCAL_RANK, and more processes than GPUs stop here, in every process, with the same line."""
     if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda', local_rank or 0)
-        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"score_sde.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
-    if {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
-        return dev
-    raise SystemExit(f'score_sde.py: --device {name} is not available on this machine; try --device auto')
+    if not {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
+        raise SystemExit(f'score_sde.py: --device {name} is not available on this machine; try --device auto')
+    if dev.type == 'cuda' and dev.index is None:
+        gpus, procs = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        if procs > gpus:
+            raise SystemExit(f'score_sde.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
+                             f'--nproc_per_node={gpus} (one process per GPU), or --device cpu')
+        dev = torch.device('cuda', local_rank)
+    return dev
 
 
 def load_checkpoint(path, c):
@@ -594,91 +600,126 @@ def save_checkpoint(path, model, ema, opt, scaler, step, epoch, c):
     os.replace(path + '.tmp', path)
 
 
+def catch_stop_signals():
+    """SIGINT (Ctrl-C, sent to the whole process group) and SIGTERM (a scheduler's notice before its kill) only note
+    themselves: the loop saves and stops at the next step boundary, wherever the signal landed (native code, compiled
+    code). Returns the list of caught signals and a function that puts the old handlers back."""
+    caught, sigs = [], (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs]
+    return caught, lambda: [signal.signal(s, h) for s, h in zip(sigs, old)]
+
+
+def on_device(x, dev):
+    """x on the device if it takes under a quarter of the free GPU memory (CIFAR-10: 150 MB of uint8), else on the host."""
+    fits = dev.type != 'cuda' or x.nbytes < torch.cuda.mem_get_info(dev)[0] / 4
+    return x.to(dev) if fits else x
+
+
 def train(c, dev, out, rank, world):
-    """The t and z of step s (and dropout) come from the RNG seeded by (seed, s, rank), and the data order of epoch
-    e from DistributedSampler's (seed, e): so --resume needs no RNG state to continue the run exactly."""
+    """Step s draws t and z for the whole global batch on the device from a generator seeded by (seed, s), and rank r
+    takes rows r, r + world, ...: DistributedSampler deals epoch e's order (seeded by (seed, e)) out the same way, so
+    any number of processes trains the same model as one, and --resume continues exactly without saving RNG state.
+    Nothing waits for the device in a step: the loss's finiteness and a stop signal are acted on at each log and save."""
     from torch.utils.data import DistributedSampler
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
-    images = load_images(c)[0][:c['train_images'] or None]
+    images = on_device(load_images(c)[0][:c['train_images'] or None], dev)
     sde, (lo, hi) = make_sde(c), data_range(c)
     torch.manual_seed(c['seed'])
-    model = make_model(c).to(dev)
-    ema = make_model(c).to(dev).requires_grad_(False)
+    layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format  # EMA in the model's layout
+    model = make_model(c).to(dev, memory_format=layout)
+    ema = make_model(c).to(dev, memory_format=layout).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=c['lr'], weight_decay=0.0, fused=dev.type == 'cuda')
     scaler = torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16')
     step = 0
     if ckpt:
+        for group in ckpt['optimizer']['param_groups']:
+            group['fused'] = dev.type == 'cuda'  # whatever device wrote it
         for obj, key in ((model, 'model'), (ema, 'ema'), (opt, 'optimizer'), (scaler, 'scaler')):
             obj.load_state_dict(ckpt[key])
         step = ckpt['step']
     net = torch.compile(model) if c['compile'] else model
-    if world > 1:
+    if dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == 'cuda' else None)
     autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
     score_fn = score_model(net, sde)
-    per_rank = c['batch_size'] // world
+    B, per_rank = c['batch_size'], c['batch_size'] // world
     sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True, seed=c['seed'], drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
-        raise SystemExit(f"score_sde.py: {len(images)} training images make no batch of {c['batch_size']}; lower --batch-size")
+        raise SystemExit(f"score_sde.py: {len(images)} training images make no batch of {B}; lower --batch-size")
     total = c['epochs'] * steps_per_epoch  # the lr schedule's length; --max-steps stops early without changing it
     stop = min(total, c['max_steps'] or total)
     lr_at = lambda s: c['lr'] * min(1, (s + 1) / (c['warmup'] + 1)) * 0.5 * (1 + math.cos(math.pi * min(1, s / total)))
     if rank == 0:
         print(f"data: {len(images):,} {c['dataset']} images {tuple(images.shape[1:])} in [{lo:g}, {hi:g}] | {sde.kind} SDE"
               f"{f', sigma {sde.sigma:g}' if sde.kind == 've' else ''} | U-Net {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters | {dev}, {c['dtype']}, {world} process(es) | {stop} of {total} steps of batch {c['batch_size']}"
+              f"parameters | {dev}, {c['dtype']}, {world} process(es) | {stop} of {total} steps of batch {B}"
               + (f' | resumed at step {step}' if step else ''))
-    losses, curve, t0, step0 = [], [], time.time(), step
-    try:
-        while step < stop:
-            epoch, start = divmod(step, steps_per_epoch)
+
+    def order():  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
+        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
             sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
-            for idx in order[start:]:
-                torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # this step's t, z and dropout
-                x0 = lo + (hi - lo) * images[idx].to(dev, non_blocking=True).float() / 255
-                t = c['eps'] + (1 - c['eps']) * torch.rand(len(x0), device=dev)
-                with autocast:
-                    loss = dsm_loss(score_fn, sde, x0, t, torch.randn_like(x0)).mean()
-                if not torch.isfinite(loss):
-                    raise SystemExit(f'score_sde.py: loss is {loss.item()} at step {step}; the last good checkpoint {path} '
-                                     'is kept; try a lower --lr or --dtype float32')
-                for group in opt.param_groups:
-                    group['lr'] = lr_at(step)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if c['grad_clip']:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), c['grad_clip'])
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
-                losses.append(loss.detach())
-                if step % c['log_every'] == 0 or step == stop:
-                    mean = torch.stack(losses).mean()
-                    if world > 1:
-                        dist.all_reduce(mean)
-                        mean /= world
-                    curve.append((step, mean.item()))
-                    losses = []
-                    if rank == 0:
-                        ms = (time.time() - t0) / (step - step0) * 1e3
-                        print(f"step {step}/{stop} | loss {mean.item():.4f} | lr {lr_at(step - 1):.1e} | {ms:.1f} ms/step | "
-                              f"{c['batch_size'] / ms * 1e3:,.0f} img/s | eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
-                if rank == 0 and (step % c['save_every'] == 0 or step == stop):
-                    save_checkpoint(path, model, ema, opt, scaler, step, epoch, c)
-                if step == stop:
-                    break
-    except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(path, model, ema, opt, scaler, step, step // steps_per_epoch, c)
-        raise SystemExit(f'score_sde.py: interrupted at step {step}; saved {path}; continue with --resume true') from None
+            rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
+            yield from rows.to(images.device)[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+    g = torch.Generator(dev)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    losses, curve, t_win, s_win = [], [], time.time(), step
+    caught, restore_signals = catch_stop_signals()
+    try:
+        for idx in order():
+            # noise draw: this step's t and z for the global batch; this rank's rows
+            g.manual_seed((c['seed'] * 1_000_003 + step) * 1024)  # rank 0's seed before the draws were global
+            t = (c['eps'] + (1 - c['eps']) * torch.rand(B, generator=g, device=dev))[rank::world]
+            z = torch.randn((B,) + images.shape[1:], generator=g, device=dev)[rank::world].contiguous(memory_format=layout)
+            torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + 1 + rank)  # dropout, apart from g's stream
+            x0 = (lo + (hi - lo) * images[idx].to(dev, non_blocking=True).float() / 255).contiguous(memory_format=layout)
+            # loss (eq. 7)
+            with autocast:
+                loss = dsm_loss(score_fn, sde, x0, t, z).mean()
+            # update
+            for group in opt.param_groups:
+                group['lr'] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if c['grad_clip']:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, c['grad_clip'])
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            # EMA, one fused op; warm-up: the average covers at most the steps taken so far
+            torch._foreach_lerp_(ema_params, params, 1 - min(c['ema'], (1 + step) / (10 + step)))
+            # log, save: the only places that wait for the device
+            losses.append(loss.detach())
+            log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
+            if not (log or save or (caught and world == 1)):
+                continue
+            both = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bool(caught)), device=dev)])
+            if world > 1:  # the ranks agree on the loss and on stopping
+                dist.all_reduce(both)
+            mean, stopping = (both / world).tolist()
+            if not math.isfinite(mean):
+                raise SystemExit(f'score_sde.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last good '
+                                 f'checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            if log:
+                curve.append((step, mean))
+                ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves left out
+                if rank == 0:
+                    print(f"step {step}/{stop} | loss {mean:.4f} | lr {lr_at(step - 1):.1e} | {ms:.1f} ms/step | "
+                          f"{B / ms * 1e3:,.0f} img/s | eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
+                losses, s_win = [], step
+            t_pause = time.time()
+            if rank == 0 and (save or stopping > 0):
+                save_checkpoint(path, model, ema, opt, scaler, step, step // steps_per_epoch, c)
+            if stopping > 0:
+                why = signal.Signals(caught[0]).name if caught else 'a signal to another rank'
+                raise SystemExit(f'score_sde.py: interrupted at step {step} ({why}); saved {path}; '
+                                 'continue with --resume true')
+            t_win = time.time() if log else t_win + time.time() - t_pause
+    finally:
+        restore_signals()
     return ema.eval(), curve
 
 
@@ -718,9 +759,10 @@ def main(argv=None):
     dev = pick_device(c['device'], int(os.environ.get('LOCAL_RANK', 0)))
     if c['dtype'] == 'float16' and dev.type != 'cuda':
         raise SystemExit('score_sde.py: --dtype float16 needs CUDA; use bfloat16 or float32 here')
+    torch.backends.cudnn.benchmark = dev.type == 'cuda'  # the fastest convolution algorithms for these shapes
     if c['batch_size'] % world:
         raise SystemExit(f"score_sde.py: --batch-size {c['batch_size']} does not split across {world} processes")
-    if world > 1:
+    if 'RANK' in os.environ:  # started by torchrun: a process group, even of one process
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
@@ -748,7 +790,7 @@ def main(argv=None):
         if c['eval'] and rank == 0:
             evaluate(c, model.eval(), dev, c['out_dir'])
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

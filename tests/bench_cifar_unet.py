@@ -1,19 +1,30 @@
-"""Training speed of ddpm_cifar.py's default U-Net beside diffusers' UNet2DModel in the same DDPM CIFAR-10 layout
-(google/ddpm-cifar10-32's config plus 11 class embeddings: widths 128-256-256-256, 2 blocks per level, attention at
-16x16), measured side by side: each round times a few training steps (forward, backward, AdamW) of one model, then
-of the other, and the medians over rounds are printed with their ratio. Not collected by pytest.
+"""How fast ddpm_cifar.py trains, and how much of that its training loop costs: in one run, on any device,
+  1. the bare step of the script's U-Net (forward, the loss, backward, gradient clipping as configured, AdamW; inputs
+     already on the device, in the script's layout and autocast), eager and under torch.compile;
+  2. the same bare step of diffusers' UNet2DModel in the same DDPM CIFAR-10 layout (google/ddpm-cifar10-32's config
+     plus 11 class embeddings; the default preset only, when diffusers is installed), eager and compiled;
+  3. the script's own train() (data, the noise draw, the step, EMA, logging; no figures) for --loop-steps steps,
+     its ms/step per logging window as it prints them, eager and compiled, the median of the windows after the first
+     (compile and warm-up) set beside the bare step: loop share = 1 - bare / loop, the part of each step outside the
+     model's own work.
+Bare steps alternate eager/compiled and ours/theirs round by round; medians over --rounds. Not collected by pytest.
 
-    pip install diffusers   # only for this benchmark
-    python tests/bench_cifar_unet.py --batch-size 32 --rounds 5
+    python tests/bench_cifar_unet.py                                       # GPU: default U-Net, batch 128, bf16
+    python tests/bench_cifar_unet.py --preset tiny --batch-size 32 --compile false --device cpu   # this CPU
+    pip install diffusers   # for row 2
 """
 import argparse
+import contextlib
+import io
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm_cifar  # noqa: E402
@@ -26,45 +37,120 @@ def diffusers_unet():
                        up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'), num_class_embeds=11)
 
 
-def step_ms(model, call, batch, steps):
-    """Mean wall time of one training step over `steps` steps, after one untimed warm-up step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, 11, (batch,), generator=g)
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        loss = F.mse_loss(call(model, x, t, y), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps * 1e3
+def sync(dev):
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+
+
+class BareStep:
+    """One model's training step on fixed inputs, as the script configures it: forward (autocast), the squared error
+    to the noise, backward, clip, AdamW with the script's weight decay."""
+    def __init__(self, model, call, c, dev, compiled):
+        layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format
+        self.model, self.dev, self.clip = model.to(dev, memory_format=layout).train(), dev, c['grad_clip']
+        self.net = torch.compile(self.model) if compiled else self.model
+        self.call = call
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c['lr'], weight_decay=c['weight_decay'],
+                                     fused=dev.type == 'cuda')
+        self.autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
+        g = torch.Generator(dev).manual_seed(0)
+        B, S = c['batch_size'], c['image_size']
+        self.x = torch.randn(B, 3, S, S, generator=g, device=dev).contiguous(memory_format=layout)
+        self.noise = torch.randn(B, 3, S, S, generator=g, device=dev)
+        self.t = torch.randint(0, c['timesteps'], (B,), generator=g, device=dev)
+        self.y = torch.randint(0, 11, (B,), generator=g, device=dev)
+
+    def __call__(self, steps):
+        """ms per step over `steps` steps (the device synchronised before and after)."""
+        sync(self.dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with self.autocast:
+                loss = (self.call(self.net, self.x, self.t, self.y).float() - self.noise).square().mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+        sync(self.dev)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def loop_windows(argv, dev, compiled):
+    """ddpm_cifar.train() as the script runs it (its own flags), printing as it goes; its per-window ms/step."""
+    c = ddpm_cifar.get_config(argv + ['--compile', str(compiled).lower()])
+    ddpm_cifar.check_config(c)
+    with tempfile.TemporaryDirectory() as out:
+        c['out_dir'] = out
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ddpm_cifar.train(c, dev, out, 0, 1)
+    text = buf.getvalue()
+    print(''.join('    ' + line + '\n' for line in text.splitlines() if line.startswith('step')), end='')
+    return [float(v) for v in re.findall(r'^step \d+/\d+ .*?\| ([\d.]+) ms/step', text, re.M)]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--batch-size', type=int, default=32)
-    ap.add_argument('--rounds', type=int, default=5)
-    ap.add_argument('--steps', type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--preset', default='default', choices=['default', 'tiny'])
+    ap.add_argument('--batch-size', type=int, default=128)
+    ap.add_argument('--device', default='auto')
+    ap.add_argument('--dtype', default='auto', help="auto = bfloat16 on CUDA, float32 elsewhere (as the script)")
+    ap.add_argument('--compile', default='both', choices=['both', 'false', 'true'])
+    ap.add_argument('--rounds', type=int, default=5, help='rounds of bare steps; the median is printed')
+    ap.add_argument('--steps', type=int, default=10, help='bare steps timed per round (after one untimed)')
+    ap.add_argument('--loop-steps', type=int, default=300, help="train() steps, in windows of --log-every")
+    ap.add_argument('--log-every', type=int, default=50)
+    ap.add_argument('--dataset', default='shapes', help="the script's --dataset (shapes: generated, needs no files)")
+    ap.add_argument('--data-dir', default='./data')
     a = ap.parse_args()
+    dev = ddpm_cifar.pick_device(a.device)
+    torch.backends.cudnn.benchmark = dev.type == 'cuda'
+    dtype = a.dtype if a.dtype != 'auto' else 'bfloat16' if dev.type == 'cuda' else 'float32'
+    argv = ['--preset', a.preset, '--batch-size', str(a.batch_size), '--dtype', dtype, '--max-steps', str(a.loop_steps),
+            '--log-every', str(a.log_every), '--save-every', str(10 ** 9), '--dataset', a.dataset, '--data-dir', a.data_dir,
+            '--workers', '0', '--epochs', str(10 ** 6)]
+    if a.dataset == 'shapes':
+        argv += ['--train-images', str(max(2000, a.batch_size * 20))]
+    c = ddpm_cifar.get_config(argv)
+    modes = {'both': (False, True), 'false': (False,), 'true': (True,)}[a.compile]
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    print(f'torch {torch.__version__} | {dev} ({name}) | {dtype} | batch {a.batch_size} | preset {a.preset}, '
+          f"{c['image_size']}px | grad clip {c['grad_clip']}")
+
+    models = {'ddpm_cifar UNet': lambda: ddpm_cifar.make_model(c, 10)}
+    calls = {'ddpm_cifar UNet': lambda m, x, t, y: m(x, t, y)}
+    if a.preset == 'default':
+        try:
+            diffusers_unet()
+            models['diffusers UNet2DModel'] = diffusers_unet
+            calls['diffusers UNet2DModel'] = lambda m, x, t, y: m(x, t, class_labels=y).sample
+        except ImportError:
+            print('(diffusers not installed: its rows are skipped; pip install diffusers)')
     torch.manual_seed(0)
-    ours = ddpm_cifar.make_model(ddpm_cifar.get_config([]), 10).train()
-    theirs = diffusers_unet().train()
-    calls = {'ddpm_cifar UNet': (ours, lambda m, x, t, y: m(x, t, y)),
-             'diffusers UNet2DModel': (theirs, lambda m, x, t, y: m(x, t, class_labels=y).sample)}
-    times = {k: [] for k in calls}
+    steps = {(k, m): BareStep(models[k](), calls[k], c, dev, m) for k in models for m in modes}
+    times = {k: [] for k in steps}
+    for k, step in steps.items():  # warm-up, compile included
+        step(2)
     for _ in range(a.rounds):
-        for name, (model, call) in calls.items():
-            times[name].append(step_ms(model, call, a.batch_size, a.steps))
-    print(f'torch {torch.__version__} | {torch.get_num_threads()} threads | batch {a.batch_size} | '
-          f'{a.rounds} rounds of {a.steps} steps each, medians')
-    for name, (model, _) in calls.items():
-        ms = statistics.median(times[name])
-        print(f'{name:22s} {sum(p.numel() for p in model.parameters()):,} parameters | {ms:.0f} ms/step | '
-              f'{a.batch_size / ms * 1e3:.1f} img/s | rounds {" ".join(f"{v:.0f}" for v in times[name])}')
-    ratio = statistics.median(o / d for o, d in zip(times['ddpm_cifar UNet'], times['diffusers UNet2DModel']))
-    print(f'ours / diffusers time per step, median of the per-round ratios: {ratio:.2f}')
+        for k, step in steps.items():
+            step(1)
+            times[k].append(step(a.steps))
+    bare = {}
+    for (k, m), v in times.items():
+        bare[k, m] = statistics.median(v)
+        params = sum(p.numel() for p in steps[k, m].model.parameters())
+        print(f"bare step | {k:22s} | {'compiled' if m else 'eager   '} | {params:,} parameters | {bare[k, m]:.1f} ms/step"
+              f" | {a.batch_size / bare[k, m] * 1e3:,.0f} img/s | rounds {' '.join(f'{x:.1f}' for x in v)}")
+    del steps
+    for m in modes:
+        print(f"loop | ddpm_cifar.py train(), {'compiled' if m else 'eager'}, {a.loop_steps} steps:")
+        windows = loop_windows(argv, dev, m)[1:]  # the first window holds compile and warm-up
+        ms, b = statistics.median(windows), bare['ddpm_cifar UNet', m]
+        print(f"loop | {'compiled' if m else 'eager   '} | {ms:.1f} ms/step (median of {len(windows)} windows after the "
+              f"first) | {a.batch_size / ms * 1e3:,.0f} img/s | {b / ms:.1%} of the bare step's speed | loop share "
+              f"{1 - b / ms:.1%} | 600 CIFAR-10 epochs ({600 * (50_000 // a.batch_size):,} steps): "
+              f"{ms * 600 * (50_000 // a.batch_size) / 3.6e6:.1f} h")
 
 
 if __name__ == '__main__':

@@ -1,10 +1,13 @@
 """Checks and helpers shared by the scripts' tests: closed-form checks for schedules indexed t = 0..T-1 (the papers'
-1..T), MNIST-format data for the tiny runs, and reading a checkpoint's step."""
+1..T), MNIST-format data for the tiny runs, reading a checkpoint's step, and the checks every image script passes
+(foreign checkpoints, unknown flags, stop signals, torchrun equivalence)."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -106,18 +109,51 @@ def check_unknown_flag(get_config, capsys):
     assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
 
 
-def check_ctrl_c_saves(script, argv, ckpt, at_step):
-    """Runs script with argv in a subprocess, sends SIGINT (Ctrl-C) once it prints 'step {at_step}/': it must exit
-    with code 1 and one line (no traceback), with a checkpoint at or after that step, short of the run's end."""
-    proc = subprocess.Popen([sys.executable, script, *argv], env=dict(os.environ, OMP_NUM_THREADS='1'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    total = None
-    for line in proc.stdout:
-        if line.startswith(f'step {at_step}/'):
-            total = int(line.split('/')[1].split()[0])
-            break
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate()[1]
+def check_stop_signal_saves(script, argv, ckpt, at_step, sig):
+    """Runs script with argv in a process group of its own and, once it prints 'step {at_step}/', sends sig to the
+    whole group, as a terminal's Ctrl-C (SIGINT) or a cluster scheduler (SIGTERM) does: DataLoader and compile workers
+    get it too. The run must exit with code 1 and one line naming the signal (no traceback), leaving a checkpoint at
+    or after that step and short of the run's end, and no temporary file."""
+    with tempfile.TemporaryFile('w+') as err:
+        proc = subprocess.Popen([sys.executable, script, *argv], env=dict(os.environ, OMP_NUM_THREADS='1'),
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        try:
+            total = None
+            for line in proc.stdout:
+                if line.startswith(f'step {at_step}/'):
+                    total = int(line.split('/')[1].split()[0])
+                    os.killpg(proc.pid, sig)
+                    break
+            proc.communicate(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # a hung run, or workers left behind
+            except ProcessLookupError:
+                pass
+        err.seek(0)
+        err = err.read()
     assert total is not None, f'no progress line for step {at_step}: {err[-2000:]}'
-    assert proc.returncode == 1 and 'interrupted at step' in err and 'Traceback' not in err, err
-    assert at_step <= ckpt_step(ckpt) < total
+    assert proc.returncode == 1 and 'interrupted at step' in err and sig.name in err and 'Traceback' not in err, err[-3000:]
+    assert at_step <= ckpt_step(ckpt) < total and not os.path.exists(str(ckpt) + '.tmp')
+
+
+def losses_of(stdout):
+    return [float(v) for v in re.findall(r'^step \d+/\d+ \| loss ([\d.]+)', stdout, re.M)]
+
+
+def check_torchrun_matches_one_process(script, argv, out, port, steps):
+    """argv (logging every step) run by 1 process, and by 2 gloo processes under torchrun, each with half of the
+    global batch. Each step's loss is the mean over the same images, t and noise (drawn for the global batch, rank r
+    taking rows r::2), so the two runs agree up to float32 rounding of the reductions (relative 1e-4), and so do the
+    weights they save."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one = subprocess.run([sys.executable, script, *argv, '--out-dir', str(out / 'one')], env=env, capture_output=True,
+                         text=True, timeout=300)
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master-port={port}',
+                          script, *argv, '--out-dir', str(out / 'two')], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
+    assert '2 process(es)' in two.stdout and len(losses_of(one.stdout)) == steps
+    np.testing.assert_allclose(losses_of(two.stdout), losses_of(one.stdout), rtol=1e-4)
+    wa, wb = (torch.load(out / p / 'ckpt.pt', weights_only=True)['model'] for p in ('one', 'two'))
+    for k in wa:
+        np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-4, err_msg=k)

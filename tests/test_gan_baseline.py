@@ -3,6 +3,8 @@ known input gradients, DiffAugment's shapes, exactness and gradients, the mode-c
 the networks' shapes, and tiny CPU runs of main() (synthetic digits in MNIST's file format, an image folder, grid25)."""
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -10,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from closed_form import check_ctrl_c_saves, check_foreign_and_broken_checkpoints, check_unknown_flag, ckpt_step, write_mnist
+from closed_form import (
+    check_foreign_and_broken_checkpoints,
+    check_stop_signal_saves,
+    check_unknown_flag,
+    ckpt_step,
+    write_mnist,
+)
 
 import gan_baseline as gb
 
@@ -152,7 +160,7 @@ def test_slerp_keeps_the_norm_and_ends_at_the_endpoints():
 
 
 TINY = ['--channels', '8', '--batch-size', '32', '--epochs', '2', '--n-samples', '10', '--log-every', '4',
-        '--eval-samples', '20']
+        '--eval-samples', '20', '--device', 'cpu']
 
 
 @pytest.fixture(scope='module')
@@ -190,20 +198,30 @@ def test_train_resume_sample_only(loss, data, tmp_path, capsys):
     assert 'eval | step 16 | confident' in capsys.readouterr().out
 
 
-def test_ctrl_c_saves(data, tmp_path):
-    check_ctrl_c_saves(os.path.join(HERE, 'gan_baseline.py'), flags(data, tmp_path, '--epochs', '200', '--save-every', '1000'),
-                       tmp_path / 'ckpt.pt', 8)
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_to_the_process_group_saves(data, tmp_path, sig):
+    check_stop_signal_saves(os.path.join(HERE, 'gan_baseline.py'), flags(data, tmp_path, '--epochs', '200', '--save-every',
+                                                                           '1000'), tmp_path / 'ckpt.pt', 8, sig)
 
 
 def test_toy_run_counts_modes_and_writes_points(tmp_path, capsys):
     gb.main(['--dataset', 'ring8', '--toy-points', '1024', '--hidden', '32', '--epochs', '2', '--fid-every', '1',
-             '--out-dir', str(tmp_path), '--loss', 'hinge', '--eval-samples', '400'])
+             '--out-dir', str(tmp_path), '--loss', 'hinge', '--eval-samples', '400', '--device', 'cpu'])
     out = capsys.readouterr().out
     assert '400 training points (the floor) | modes 8/8 | within 3 std' in out and 'eval | step 4 | epoch 1.00 | modes' in out
     gb.main(['--dataset', 'ring8', '--hidden', '32', '--loss', 'hinge', '--out-dir', str(tmp_path), '--sample-only', 'true',
-             '--n-samples', '50'])
+             '--n-samples', '50', '--device', 'cpu'])
     points = np.load(tmp_path / 'samples.npz')['points']
     assert points.shape == (50, 2) and points.dtype == np.float32
+
+
+def test_wgan_gp_under_compile(tmp_path, capsys):
+    """torch.compile has no double backward: the penalty goes through the uncompiled critic, the rest is compiled."""
+    gb.main(['--dataset', 'ring8', '--toy-points', '1024', '--hidden', '16', '--epochs', '2', '--loss', 'wgan-gp',
+             '--compile', 'true', '--device', 'cpu', '--out-dir', str(tmp_path), '--eval-samples', '100', '--n-samples',
+             '10', '--log-every', '8', '--fid-every', '0'])
+    line = re.search(r'^step 8/8 \| d (\S+) \| g (\S+) \| gp (\S+) ', capsys.readouterr().out, re.M)
+    assert line and all(math.isfinite(float(v)) for v in line.groups()) and ckpt_step(tmp_path / 'ckpt.pt') == 8
 
 
 def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, capsys, monkeypatch):
@@ -219,7 +237,8 @@ def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, 
     monkeypatch.setattr(gb, 'make_inception', lambda c, dev: lambda x: x.float().flatten(1) @ proj / 255)
     gb.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--dtype', 'bfloat16',
              '--loss', 'wgan-gp', '--spectral-norm', 'true', '--augment', 'translation,color,cutout', '--fid', '30',
-             '--out-dir', str(tmp_path / 'run'), '--channels', '8', '--batch-size', '8', '--epochs', '2', '--n-samples', '4'])
+             '--out-dir', str(tmp_path / 'run'), '--channels', '8', '--batch-size', '8', '--epochs', '2', '--n-samples', '4',
+             '--device', 'cpu'])
     out = capsys.readouterr().out
     assert '40 folder images (3, 16, 16) | wgan-gp, 5 D step(s)' in out and 'bfloat16' in out and 'step 10/10' in out
     fid = float(out.split('| fid ')[1].split()[0])
@@ -270,7 +289,7 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
     with pytest.raises(SystemExit) as e:
-        gb.main(['--out-dir', str(tmp_path / 'run')] + extra)
+        gb.main(['--out-dir', str(tmp_path / 'run'), '--device', 'cpu'] + extra)
     assert says in str(e.value) and '\n' not in str(e.value)
 
 
@@ -286,7 +305,7 @@ def test_missing_data_wrong_checkpoints_and_nan_loss(data, tmp_path, monkeypatch
     monkeypatch.setattr(gb, 'd_loss_fn', lambda kind, r, f: r.mean() * float('nan'))  # (Adam makes huge lr finite)
     with pytest.raises(SystemExit) as e:
         gb.main(flags(data, tmp_path, '--resume', 'true', '--epochs', '3'))
-    assert 'D loss is nan at step 8' in str(e.value) and 'is kept' in str(e.value)
+    assert 'a loss is nan in steps 9-12' in str(e.value) and 'is kept' in str(e.value)  # found at the next log
     assert ckpt_step(tmp_path / 'ckpt.pt') == 8  # the first run's, untouched
     check_foreign_and_broken_checkpoints(gb.main, flags(data, tmp_path, '--sample-only', 'true'), 'gan_baseline.py')
 
