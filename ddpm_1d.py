@@ -78,14 +78,15 @@ out_dir = 'out/ddpm_1d'     # figure, config.json and a copy of this script
 
 
 def get_config(argv=None):
-    """Every constant of the config block becomes --dashed-name with the default's type; a dict."""
+    """Every lowercase constant from the config banner to the next banner becomes --dashed-name
+    with the default's type (blank lines and comment paragraphs may sit among them); a dict."""
     def parse_bool(s):
         if s.lower() in ('true', '1', 'false', '0'):
             return s.lower() in ('true', '1')
         raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
-    block = open(__file__).read().split('# ---- config ----\n')[1].split('\n\n')[0]
+    block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]  # to the next banner
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    for name, comment in re.findall(r'^(\w+) *=.*?(?:# *(.*))?$', block, re.M):
+    for name, comment in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):  # lowercase constants
         default = globals()[name]
         listed = re.match(r"'[^']*'(?: *\| *'[^']*')+", comment)  # a leading 'a' | 'b' list gives the choices
         choices = re.findall(r"'([^']*)'", listed[0]) if listed else None

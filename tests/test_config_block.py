@@ -1,0 +1,41 @@
+"""The config block of every script survives the first edits a forker makes in a copy: blank lines, a comment
+paragraph and new constants inside it; every constant stays a flag, in -h and on the command line."""
+import importlib.util
+import os
+import re
+
+import pytest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ['ddpm_1d', 'ddpm_points', 'ddpm_mnist', 'ddpm_cifar', 'score_sde', 'gan_baseline']
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def help_flags(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.get_config(['-h'])
+    assert e.value.code == 0
+    return set(re.findall(r'--[a-z0-9][a-z0-9-]*', capsys.readouterr().out))
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_config_block_survives_blank_lines_comments_and_new_constants(name, tmp_path, capsys):
+    src = open(os.path.join(HERE, f'{name}.py')).read()
+    head, block = src.split('# ---- config ----\n', 1)
+    first = block.index('\n') + 1  # after the first constant: a blank line and a comment paragraph
+    end = block.index('\n\n')  # after the last one: a blank line, then a new constant
+    edited = (head + '# ---- config ----\n' + block[:first] + '\n# a comment paragraph,\n# over two lines\n\n'
+              + block[first:end] + "\n\nwarmup_frac = 0.5            # a constant a forker added\n" + block[end:])
+    (tmp_path / f'{name}.py').write_text(edited)
+    original, copy = load(os.path.join(HERE, f'{name}.py'), f'{name}_original'), load(tmp_path / f'{name}.py', name)
+    before, after = help_flags(original, capsys), help_flags(copy, capsys)
+    assert after == before | {'--warmup-frac'}, after ^ before
+    last = re.findall(r'^([a-z_][a-z0-9_]*) *=', block[:end], re.M)[-1]  # the constant right before the new one
+    c = copy.get_config(['--warmup-frac', '0.25', '--' + last.replace('_', '-'), str(getattr(copy, last))])
+    assert c['warmup_frac'] == 0.25 and c[last] == getattr(copy, last)
