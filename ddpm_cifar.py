@@ -248,7 +248,7 @@ class UNet(nn.Module):
                  num_classes=10):
         super().__init__()
         tdim, res = 4 * channels, image_size
-        self.channels, self.null = channels, num_classes
+        self.channels = channels
         self.temb = nn.Sequential(nn.Linear(channels, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.label = nn.Embedding(num_classes + 1, tdim)
         self.inp = nn.Conv2d(3, channels, 3, padding=1)
@@ -297,6 +297,11 @@ def run(layers, h, emb):
 
 
 def make_model(c, num_classes):
+    """The network contract, for a forker who swaps in another: model(x_t, t, y) -> eps_hat, with x_t (B, 3, S, S) in
+    [-1, 1]-data units, t (B,) integer steps 0..T-1 and y (B,) labels 0..num_classes, where num_classes is the null
+    label (unconditional); eps_hat has x_t's shape and is the predicted noise (the loss is eq. 14 and the samplers
+    read eps). The loop also uses .parameters(), .state_dict() and .train()/.eval(), nothing else: the number of
+    classes travels as an argument, not as an attribute of the model."""
     mults = tuple(int(m) for m in c['channel_mults'].split(','))
     attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
     return UNet(c['channels'], mults, c['res_blocks'], attn, c['dropout'], c['image_size'], num_classes)
@@ -312,14 +317,14 @@ def slerp(z0, z1, a):
 
 
 @torch.no_grad()
-def sample(model, shape, betas, labels, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0, generator=None, device='cpu',
-           x_T=None):
+def sample(model, shape, betas, labels, null, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0, generator=None,
+           device='cpu', x_T=None):
     """Reverse process from x_T ~ N(0, I) (or the given x_T), guided at scale cfg with the condition and the null
-    label in one batched forward pass. 'ddpm': Algorithm 2 over all T steps, x_{t-1} = the posterior mean (eq. 7)
+    label (an integer: the number of classes) in one batched forward pass. 'ddpm': Algorithm 2 over all T steps, x_{t-1} = the posterior mean (eq. 7)
     at the predicted x0 (clipped to [-1, 1]) plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps` evenly
     spaced timesteps (0 = all T), noise eta * eq. 16. Returns x_0 in [-1, 1]."""
     alphas_cumprod = torch.cumprod(1 - betas.double(), 0).float().to(device)
-    T, null = len(betas), model.null
+    T = len(betas)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
     labels = labels.to(device)
     ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
@@ -345,12 +350,12 @@ def sample(model, shape, betas, labels, cfg=1.0, steps=0, method='ddim', sigma='
     return x.clamp(-1, 1)
 
 
-def sample_as_configured(model, labels, c, betas, generator, dev, x_T=None):
+def sample_as_configured(model, num_classes, labels, c, betas, generator, dev, x_T=None):
     """Images (n, 3, S, S) in [-1, 1] on the CPU for these labels, with the config's sampler, steps, guidance."""
     shape = (len(labels), 3, c['image_size'], c['image_size'])
-    cfg = c['cfg'] if model.null else 1.0  # an unconditional model has only the null label
-    return sample(model, shape, betas, labels, cfg, c['sample_steps'], c['sampler'], c['sigma'], c['eta'], generator, dev,
-                  x_T).cpu()
+    cfg = c['cfg'] if num_classes else 1.0  # an unconditional model has only the null label
+    return sample(model, shape, betas, labels, num_classes, cfg, c['sample_steps'], c['sampler'], c['sigma'], c['eta'],
+                  generator, dev, x_T).cpu()
 
 
 def balanced_labels(n, num_classes):
@@ -417,20 +422,20 @@ def reference_stats(c, extract, ds):
     return mu, cov
 
 
-def fid_and_is(c, model, betas, extract, stats, dev):
+def fid_and_is(c, model, num_classes, betas, extract, stats, dev):
     """FID of c['fid'] guided samples (labels cycling through the classes) to the reference stats, and their IS."""
     g, n, t0 = torch.Generator(dev).manual_seed(c['seed'] + 1), c['fid'], time.time()
-    labels = balanced_labels(n, model.null)
-    imgs = torch.cat([sample_as_configured(model, y, c, betas, g, dev) for y in labels.split(500)])
+    labels = balanced_labels(n, num_classes)
+    imgs = torch.cat([sample_as_configured(model, num_classes, y, c, betas, g, dev) for y in labels.split(500)])
     f, logits = features(extract, torch.from_numpy(to_uint8(imgs)).permute(0, 3, 1, 2))  # scored as saved: uint8
     return frechet_distance(f.mean(0), torch.cov(f.T), *stats), inception_score(logits)[0], time.time() - t0
 
 
-def shapes_hit_rates(c, model, betas, dev, n=90):
+def shapes_hit_rates(c, model, num_classes, betas, dev, n=90):
     """For --dataset shapes: the share of n samples (labels balanced) whose brightest channel is the requested class,
     unguided (s = 0, where chance is 1/3) and at the config's guidance scale."""
-    labels, g = balanced_labels(n, model.null), torch.Generator(dev).manual_seed(c['seed'] + 2)
-    rates = {s: (sample_as_configured(model, labels, dict(c, cfg=s), betas, g, dev).sum((2, 3)).argmax(1) == labels)
+    labels, g = balanced_labels(n, num_classes), torch.Generator(dev).manual_seed(c['seed'] + 2)
+    rates = {s: (sample_as_configured(model, num_classes, labels, dict(c, cfg=s), betas, g, dev).sum((2, 3)).argmax(1) == labels)
              .double().mean().item() for s in (0.0, c['cfg'])}
     print(f"eval | shapes: the requested class (brightest channel) in {n} samples | "
           + ' | '.join(f'cfg {s:g}: {r:.0%}' for s, r in rates.items()), flush=True)
@@ -690,7 +695,7 @@ def train(c, dev, out, rank, world):
                 losses, s_win = [], step
             t_pause = time.time()
             if rank == 0 and c['fid_every'] and (step % (c['fid_every'] * steps_per_epoch) == 0 or step == stop):
-                fid, isc, sec = fid_and_is(c, ema.eval(), betas, extract, stats, dev)
+                fid, isc, sec = fid_and_is(c, ema.eval(), len(classes), betas, extract, stats, dev)
                 fids.append([step, fid])
                 print(f"eval | epoch {step / steps_per_epoch:.2f} | step {step} | fid {fid:.2f} | is {isc:.2f} | "
                       f"{c['fid']} samples, {sec:.0f}s", flush=True)
@@ -703,7 +708,7 @@ def train(c, dev, out, rank, world):
             t_win = time.time() if log else t_win + time.time() - t_pause
     finally:
         restore_signals()
-    return ema.eval(), betas, step, curve, fids, extract, stats
+    return ema.eval(), len(classes), betas, step, curve, fids, extract, stats
 
 
 def save_grid(x, path, nrow):
@@ -718,23 +723,23 @@ def save_grid(x, path, nrow):
     plt.imsave(path, grid)
 
 
-def figures(c, model, betas, dev, out, curve, fids):
+def figures(c, model, num_classes, betas, dev, out, curve, fids):
     """A class grid (a row per class, or 10x10 unconditional), 4 slerp interpolations of 9 points between two noises
     with deterministic DDIM, the loss curve and the FID curve."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    g, k = torch.Generator(dev).manual_seed(c['seed']), min(model.null, 10) or 10
+    g, k = torch.Generator(dev).manual_seed(c['seed']), min(num_classes, 10) or 10
     per = max(1, min(10, c['n_samples'] // k))
-    labels = balanced_labels(per * k, model.null).view(per, k).T.flatten()  # row i: per samples of class i
-    save_grid(sample_as_configured(model, labels, c, betas, g, dev), os.path.join(out, 'samples.png'), nrow=per)
+    labels = balanced_labels(per * k, num_classes).view(per, k).T.flatten()  # row i: per samples of class i
+    save_grid(sample_as_configured(model, num_classes, labels, c, betas, g, dev), os.path.join(out, 'samples.png'), nrow=per)
     shape = (4, 3, c['image_size'], c['image_size'])
     z0, z1 = torch.randn(shape, generator=g, device=dev), torch.randn(shape, generator=g, device=dev)
     a = torch.linspace(0, 1, 9, device=dev)
     x_T = torch.stack([slerp(z0, z1, ai) for ai in a], 1).flatten(0, 1)  # (4 * 9, 3, S, S): a row per pair
-    y = balanced_labels(4, model.null).repeat_interleave(9)
+    y = balanced_labels(4, num_classes).repeat_interleave(9)
     ddim = dict(c, sampler='ddim', eta=0.0, sample_steps=c['sample_steps'] or 50)
-    save_grid(sample_as_configured(model, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'), nrow=9)
+    save_grid(sample_as_configured(model, num_classes, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'), nrow=9)
     for name, points, ylabel in (('loss.png', curve, 'loss'), ('fid.png', fids, 'FID')):
         if points:
             fig, ax = plt.subplots(figsize=(5, 3))
@@ -772,30 +777,31 @@ def main(argv=None):
         if c['sample_only']:
             ckpt = load_checkpoint(os.path.join(c['out_dir'], 'ckpt.pt'), c)
             classes, betas, step = ckpt['classes'], make_betas(c), ckpt['step']
+            num_classes = len(classes)
             if not classes and c['cfg_given'] and c['cfg'] != 1:
                 raise SystemExit('ddpm_cifar.py: this checkpoint is unconditional (no classes); drop --cfg')
             if c['fid']:  # before sampling: a missing package fails at once
                 extract = make_inception(c, dev)
                 stats = reference_stats(c, extract, load_data(c)[0])
-            model = make_model(c, len(classes)).to(dev)
+            model = make_model(c, num_classes).to(dev)
             model.load_state_dict(ckpt['ema'])
             model.eval()
-            labels = balanced_labels(c['n_samples'], len(classes))
+            labels = balanced_labels(c['n_samples'], num_classes)
             g = torch.Generator(dev).manual_seed(c['seed'])
-            x = torch.cat([sample_as_configured(model, y, c, betas, g, dev) for y in labels.split(500)])
+            x = torch.cat([sample_as_configured(model, num_classes, y, c, betas, g, dev) for y in labels.split(500)])
             extra = {'labels': labels.numpy()} if classes else {}
             np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x), **extra)
             save_grid(x[:100], os.path.join(c['out_dir'], 'samples_only.png'), nrow=10)
             print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x H x W x 3"
                   f"{', labels' if classes else ''}) and samples_only.png")
         else:
-            model, betas, step, curve, fids, extract, stats = train(c, dev, c['out_dir'], rank, world)
+            model, num_classes, betas, step, curve, fids, extract, stats = train(c, dev, c['out_dir'], rank, world)
             if rank == 0:
-                figures(c, model, betas, dev, c['out_dir'], curve, fids)
+                figures(c, model, num_classes, betas, dev, c['out_dir'], curve, fids)
         if c['dataset'] == 'shapes' and rank == 0:
-            shapes_hit_rates(c, model, betas, dev)
+            shapes_hit_rates(c, model, num_classes, betas, dev)
         if c['fid'] and rank == 0 and (c['sample_only'] or not c['fid_every']):  # --fid-every scored the last step already
-            fid, isc, sec = fid_and_is(c, model, betas, extract, stats, dev)
+            fid, isc, sec = fid_and_is(c, model, num_classes, betas, extract, stats, dev)
             print(f"eval | step {step} | fid {fid:.2f} | is {isc:.2f} | {c['fid']} samples, cfg {c['cfg']}, {sec:.0f}s")
     finally:
         if dist.is_initialized():

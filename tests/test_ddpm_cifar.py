@@ -49,21 +49,19 @@ def test_guidance_combination_and_one_batched_pass():
         np.testing.assert_allclose(d.guided_eps(ec, eu, s).numpy(), (eu + s * (ec - eu)).numpy(), rtol=1e-12)
     calls = []
 
-    class Model(torch.nn.Module):  # eps = 0.1 * label: the guided eps is 0.1 * (null + s (y - null))
-        null = 10
-
+    class Model(torch.nn.Module):  # eps = 0.1 * label: the guided eps is 0.1 * (null + s (y - null)), null = 10
         def forward(self, x, t, y):
             calls.append((len(x), y.tolist()))
             return 0.1 * y.float().view(-1, 1, 1, 1).expand_as(x)
     betas, y = d.linear_betas(10, 1e-4, 0.02), torch.tensor([2, 7])
     x_T = torch.zeros(2, 3, 4, 4)
-    x = d.sample(Model(), x_T.shape, betas, y, cfg=3.0, steps=1, x_T=x_T)
+    x = d.sample(Model(), x_T.shape, betas, y, 10, cfg=3.0, steps=1, x_T=x_T)
     assert calls == [(4, [2, 7, 10, 10])]
     a = torch.cumprod(1 - betas.double(), 0)[-1]
     eps = 0.1 * (10 + 3 * (y.double() - 10))  # one DDIM step to t = 0: x0 = (x_T - sqrt(1 - a) eps) / sqrt(a), clipped
     np.testing.assert_allclose(x[:, 0, 0, 0].numpy(), (-(1 - a).sqrt() * eps / a.sqrt()).clamp(-1, 1).numpy(), atol=1e-6)
     calls.clear()
-    d.sample(Model(), x_T.shape, betas, y, cfg=1.0, steps=2, x_T=x_T)
+    d.sample(Model(), x_T.shape, betas, y, 10, cfg=1.0, steps=2, x_T=x_T)
     assert calls == [(2, [2, 7])] * 2  # s = 1 needs no unconditional pass
 
 
@@ -111,13 +109,11 @@ def test_sampler_with_exact_eps_reproduces_gaussian_data(method, steps, dev):
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
 
     class ExactEps(torch.nn.Module):
-        null = 3
-
         def forward(self, x, t, y):
             a = alphas_cumprod[t[0]]
             return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * STD ** 2 + 1 - a)
     labels = torch.arange(64) % 3
-    x = d.sample(ExactEps(), (64, 3, 16, 16), betas, labels, 3.0, steps, method, 'beta_tilde',
+    x = d.sample(ExactEps(), (64, 3, 16, 16), betas, labels, 3, 3.0, steps, method, 'beta_tilde',
                  generator=torch.Generator(dev).manual_seed(1), device=dev).cpu()
     m, v = exact_sampler_moments(betas.double(), steps, method, MU, STD)
     n = x.numel()
@@ -287,6 +283,33 @@ def test_train_resume_guide_interpolate_sample_only_fid(cifar, skip_md5, tmp_pat
     f = np.load(tmp_path / 'a' / 'samples.npz')
     assert f['images'].shape == (7, 32, 32, 3) and f['images'].dtype == np.uint8 and f['labels'].tolist() == list(range(7))
     assert re.search(r'eval \| step 12 \| fid \d+\.\d+ \| is \d+\.\d+ \| 20 samples, cfg 2.0', out), out
+
+
+class ConvNet(torch.nn.Module):
+    """Another network under the contract make_model states: (x_t, t, y) -> eps, and nothing else."""
+    def __init__(self, num_classes):
+        super().__init__()
+        self.label, self.time = torch.nn.Embedding(num_classes + 1, 8), torch.nn.Linear(1, 8)
+        self.inp, self.out = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, t, y):
+        h = self.inp(x) + (self.label(y) + self.time(t.float()[:, None] / 1000))[:, :, None, None]
+        return self.out(torch.nn.functional.silu(h))
+
+
+def test_another_network_trains_resumes_samples_and_draws(tmp_path, capsys, monkeypatch):
+    """A 3-layer conv net swapped in for the U-Net: training, figures, the shapes check, --resume and --sample-only
+    run end to end on it."""
+    monkeypatch.setattr(d, 'make_model', lambda c, num_classes: ConvNet(num_classes))
+    run = TINY + ['--dataset', 'shapes', '--image-size', '16', '--train-images', '64', '--out-dir', str(tmp_path)]
+    d.main(run + ['--max-steps', '4'])
+    d.main(run + ['--max-steps', '6', '--resume', 'true'])
+    d.main(run + ['--sample-only', 'true', '--n-samples', '5'])
+    out = capsys.readouterr().out
+    assert 'step 4/4' in out and 'resumed at step 4' in out and 'step 6/6' in out and 'shapes: the requested class' in out
+    assert set(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']) == set(ConvNet(3).state_dict())
+    for f in ('samples.png', 'interpolation.png', 'loss.png', 'samples.npz'):
+        assert (tmp_path / f).exists(), f
 
 
 def test_unconditional_folder_run_refuses_cfg(tmp_path, capsys):
