@@ -284,6 +284,10 @@ def run(layers, h, temb):
 
 
 def make_model(c):
+    """The network contract, for a forker who swaps in another: model(x_t, t) -> out, with x_t (B, 1, 28, 28) in
+    [-1, 1]-data units and t (B,) integer steps 0..T-1; out has x_t's shape and is the predicted eps (--pred eps) or v
+    (--pred v), as the loss and the samplers read it. The loop also uses .parameters(), .state_dict() and
+    .train()/.eval(), nothing else."""
     mults = tuple(int(m) for m in c['channel_mults'].split(','))
     attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
     return UNet(c['channels'], mults, c['res_blocks'], attn, c['dropout'], c['patch'])

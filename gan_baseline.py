@@ -273,7 +273,10 @@ class Discriminator(nn.Module):
 
 
 def make_models(c):
-    """(G, D) for the config, DCGAN's N(0, 0.02) weight init (batch norm weights N(1, 0.02)) for the image networks."""
+    """(G, D) for the config, DCGAN's N(0, 0.02) weight init (batch norm weights N(1, 0.02)) for the image networks.
+    The contract, for a forker who swaps in others: G(z) -> x, z (B, z_dim) ~ N(0, I), x (B, C, S, S) in [-1, 1] (or
+    points (B, 2)); D(x) -> logits (B,). The loop also uses .parameters(), .buffers() (G's, copied into its EMA),
+    .state_dict(), .requires_grad_() (D is frozen in G's step) and .train()/.eval(), nothing else."""
     out_ch = 1 if c['dataset'] == 'mnist' else 3
     G = Generator(c['z_dim'], out_ch, c['image_size'], c['channels'], c['hidden'])
     D = Discriminator(out_ch, c['image_size'], c['channels'], c['hidden'],

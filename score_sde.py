@@ -302,6 +302,10 @@ def run(layers, h, temb):
 
 
 def make_model(c):
+    """The network contract, for a forker who swaps in another: net(x, t) -> out, with x (B, C, S, S) the noisy image
+    already scaled by c_in (score_model does that) and t (B,) continuous times in [eps, 1]; out has x's shape, and
+    score_model turns it into the score out / std(t). The loop also uses .parameters(), .state_dict() and
+    .train()/.eval(), nothing else."""
     mults = tuple(int(m) for m in c['channel_mults'].split(','))
     attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
     in_ch = 1 if c['dataset'] == 'mnist' else 3
