@@ -320,9 +320,9 @@ def slerp(z0, z1, a):
 def sample(model, shape, betas, labels, null, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0, generator=None,
            device='cpu', x_T=None):
     """Reverse process from x_T ~ N(0, I) (or the given x_T), guided at scale cfg with the condition and the null
-    label (an integer: the number of classes) in one batched forward pass. 'ddpm': Algorithm 2 over all T steps, x_{t-1} = the posterior mean (eq. 7)
-    at the predicted x0 (clipped to [-1, 1]) plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps` evenly
-    spaced timesteps (0 = all T), noise eta * eq. 16. Returns x_0 in [-1, 1]."""
+    label (an integer: the number of classes) in one batched forward pass. 'ddpm': Algorithm 2 over all T steps,
+    x_{t-1} = the posterior mean (eq. 7) at the predicted x0 (clipped to [-1, 1]) plus sigma_t z. 'ddim': eq. 12 of
+    Song et al. on `steps` evenly spaced timesteps (0 = all T), noise eta * eq. 16. Returns x_0 in [-1, 1]."""
     alphas_cumprod = torch.cumprod(1 - betas.double(), 0).float().to(device)
     T = len(betas)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
@@ -628,12 +628,13 @@ def train(c, dev, out, rank, world):
         print(f"data: {len(ds):,} images, {len(classes) or 'no'} classes | {c['schedule']} schedule, T {len(betas)} | "
               f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, {world} process(es) | "
               f"{stop} of {total} steps of batch {B}" + (f' | resumed at step {step}' if step else ''))
+    first = step  # this run's first step (step moves on while the batches are drawn, and a loader draws ahead)
 
     def order(where):  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
-        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
+        for epoch in range(first // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
             sampler.set_epoch(epoch)
             rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank).to(where)
-            yield from rows[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+            yield from rows[max(0, first - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
     if isinstance(ds, TensorDataset):  # CIFAR-10, shapes: batches indexed out of tensors held on the device
         x_all, y_all = (on_device(v, dev) for v in ds.tensors)
         batches = ((x_all[i], y_all[i]) for i in order(x_all.device))
@@ -739,7 +740,8 @@ def figures(c, model, num_classes, betas, dev, out, curve, fids):
     x_T = torch.stack([slerp(z0, z1, ai) for ai in a], 1).flatten(0, 1)  # (4 * 9, 3, S, S): a row per pair
     y = balanced_labels(4, num_classes).repeat_interleave(9)
     ddim = dict(c, sampler='ddim', eta=0.0, sample_steps=c['sample_steps'] or 50)
-    save_grid(sample_as_configured(model, num_classes, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'), nrow=9)
+    save_grid(sample_as_configured(model, num_classes, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'),
+              nrow=9)
     for name, points, ylabel in (('loss.png', curve, 'loss'), ('fid.png', fids, 'FID')):
         if points:
             fig, ax = plt.subplots(figsize=(5, 3))

@@ -616,12 +616,13 @@ def train(c, dev, out, rank, world, extract):
         if evaluator.floor:
             print(f"eval | {c['eval_samples']} training {'points' if c['dataset'] in TOYS else 'images'} (the floor) | "
                   + evaluator.line(evaluator.floor), flush=True)
+    first = step  # this run's first step (step moves on while the batches are drawn, and a loader draws ahead)
 
     def order():  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
-        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
+        for epoch in range(first // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
             sampler.set_epoch(epoch)
             rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
-            yield from rows.to(data.device)[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+            yield from rows.to(data.device)[max(0, first - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
 
     def update(loss, model, opt, scaler):
         opt.zero_grad(set_to_none=True)

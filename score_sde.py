@@ -662,12 +662,13 @@ def train(c, dev, out, rank, world):
               f"{f', sigma {sde.sigma:g}' if sde.kind == 've' else ''} | U-Net {sum(p.numel() for p in model.parameters()):,} "
               f"parameters | {dev}, {c['dtype']}, {world} process(es) | {stop} of {total} steps of batch {B}"
               + (f' | resumed at step {step}' if step else ''))
+    first = step  # this run's first step (step moves on while the batches are drawn, and a loader draws ahead)
 
     def order():  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
-        for epoch in range(step // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
+        for epoch in range(first // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
             sampler.set_epoch(epoch)
             rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
-            yield from rows.to(images.device)[max(0, step - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+            yield from rows.to(images.device)[max(0, first - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
     g = torch.Generator(dev)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     losses, curve, t_win, s_win = [], [], time.time(), step

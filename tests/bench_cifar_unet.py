@@ -130,7 +130,7 @@ def main():
     torch.manual_seed(0)
     steps = {(k, m): BareStep(models[k](), calls[k], c, dev, m) for k in models for m in modes}
     times = {k: [] for k in steps}
-    for k, step in steps.items():  # warm-up, compile included
+    for step in steps.values():  # warm-up, compile included
         step(2)
     for _ in range(a.rounds):
         for k, step in steps.items():

@@ -1,6 +1,7 @@
 """ddpm_mnist.py: the schedule, posterior, ELBO terms and samplers against independent float64 math, the
 U-Net's shapes, and tiny CPU runs of main() on a few hundred synthetic digits written in MNIST's own
-file format (so torchvision's loader runs): checkpoint, exact resume after SIGKILL, SIGINT and SIGTERM, DDP equivalence, bad input.
+file format (so torchvision's loader runs): checkpoint, exact resume after SIGKILL, SIGINT and SIGTERM,
+DDP equivalence, bad input.
 Monte Carlo checks allow Z standard errors computed from the sample size."""
 import math
 import os
