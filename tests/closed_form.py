@@ -137,6 +137,24 @@ def check_stop_signal_saves(script, argv, ckpt, at_step, sig):
     assert at_step <= ckpt_step(ckpt) < total and not os.path.exists(str(ckpt) + '.tmp')
 
 
+def check_resume_after_a_stop_is_exact(main, argv, out, parts, more=4):
+    """After a stop saved step s in out (check_stop_signal_saves), main(argv) resumed to s + more leaves bitwise the
+    weights of one uninterrupted run to s + more: the stop saved a whole step. One thread, as the stopped run had
+    (OMP_NUM_THREADS=1), since CPU reductions round differently with another thread count."""
+    s, threads = ckpt_step(out / 'ckpt.pt'), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(argv + ['--out-dir', str(out), '--resume', 'true', '--max-steps', str(s + more)])
+        main(argv + ['--out-dir', str(out.parent / 'whole'), '--max-steps', str(s + more)])
+    finally:
+        torch.set_num_threads(threads)
+    wa, wb = (torch.load(p / 'ckpt.pt', weights_only=True) for p in (out, out.parent / 'whole'))
+    assert wa['step'] == wb['step'] == s + more
+    for part in parts:
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (part, k)
+
+
 def losses_of(stdout):
     return [float(v) for v in re.findall(r'^step \d+/\d+ \| loss ([\d.]+)', stdout, re.M)]
 

@@ -19,6 +19,7 @@ from closed_form import (
     check_foreign_and_broken_checkpoints,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
+    check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
     check_unknown_flag,
@@ -336,10 +337,11 @@ def test_bfloat16_autocast_on_cpu(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_stop_signal_to_the_process_group_saves(tmp_path, sig):
-    argv = TINY + ['--dataset', 'shapes', '--image-size', '16', '--epochs', '500', '--save-every', '100000']
-    check_stop_signal_saves(os.path.join(HERE, 'ddpm_cifar.py'), argv + ['--out-dir', str(tmp_path)], tmp_path / 'ckpt.pt',
-                            4, sig)
+def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(tmp_path, sig):
+    argv = TINY + ['--dataset', 'shapes', '--image-size', '16', '--epochs', '500', '--save-every', '100000',
+                   '--train-images', '256', '--out-dir', str(tmp_path / 'stopped')]
+    check_stop_signal_saves(os.path.join(HERE, 'ddpm_cifar.py'), argv, tmp_path / 'stopped' / 'ckpt.pt', 4, sig)
+    check_resume_after_a_stop_is_exact(d.main, argv, tmp_path / 'stopped', ('model', 'ema'))
 
 
 def test_ctrl_c_saves_with_loader_workers_and_compile(tmp_path):

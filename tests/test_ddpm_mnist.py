@@ -15,6 +15,7 @@ import pytest
 import torch
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_resume_after_a_stop_is_exact,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
     check_stop_signal_saves,
@@ -232,9 +233,10 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_stop_signal_to_the_process_group_saves(data, tmp_path, sig):
-    check_stop_signal_saves(os.path.join(HERE, 'ddpm_mnist.py'), flags(data, tmp_path, '--epochs', '200', '--save-every',
-                                                                         '1000'), tmp_path / 'ckpt.pt', 8, sig)
+def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data, tmp_path, sig):
+    argv = flags(data, tmp_path / 'stopped', '--epochs', '200', '--save-every', '1000')
+    check_stop_signal_saves(os.path.join(HERE, 'ddpm_mnist.py'), argv, tmp_path / 'stopped' / 'ckpt.pt', 8, sig)
+    check_resume_after_a_stop_is_exact(d.main, argv, tmp_path / 'stopped', ('model', 'ema'))
 
 
 def test_torchrun_two_processes_train_the_same_model_as_one(data, tmp_path):

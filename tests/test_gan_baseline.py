@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_unknown_flag,
     ckpt_step,
@@ -199,9 +200,10 @@ def test_train_resume_sample_only(loss, data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_stop_signal_to_the_process_group_saves(data, tmp_path, sig):
-    check_stop_signal_saves(os.path.join(HERE, 'gan_baseline.py'), flags(data, tmp_path, '--epochs', '200', '--save-every',
-                                                                           '1000'), tmp_path / 'ckpt.pt', 8, sig)
+def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data, tmp_path, sig):
+    argv = flags(data, tmp_path / 'stopped', '--epochs', '200', '--save-every', '1000')
+    check_stop_signal_saves(os.path.join(HERE, 'gan_baseline.py'), argv, tmp_path / 'stopped' / 'ckpt.pt', 8, sig)
+    check_resume_after_a_stop_is_exact(gb.main, argv, tmp_path / 'stopped', ('G', 'D', 'ema'))
 
 
 def test_toy_run_counts_modes_and_writes_points(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
     check_unknown_flag,
@@ -263,9 +264,10 @@ def test_train_resume_sample_only_eval(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_stop_signal_to_the_process_group_saves(data, tmp_path, sig):
-    check_stop_signal_saves(os.path.join(HERE, 'score_sde.py'), flags(data, tmp_path, '--epochs', '200', '--save-every',
-                                                                        '1000'), tmp_path / 'ckpt.pt', 8, sig)
+def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data, tmp_path, sig):
+    argv = flags(data, tmp_path / 'stopped', '--epochs', '200', '--save-every', '1000')
+    check_stop_signal_saves(os.path.join(HERE, 'score_sde.py'), argv, tmp_path / 'stopped' / 'ckpt.pt', 8, sig)
+    check_resume_after_a_stop_is_exact(s.main, argv, tmp_path / 'stopped', ('model', 'ema'))
 
 
 def test_vp_folder_bfloat16_run(tmp_path, capsys):
