@@ -15,9 +15,9 @@ import pytest
 import torch
 from closed_form import (
     check_foreign_and_broken_checkpoints,
-    check_resume_after_a_stop_is_exact,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
+    check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
     check_unknown_flag,
