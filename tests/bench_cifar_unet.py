@@ -7,7 +7,8 @@
      its ms/step per logging window as it prints them, eager and compiled, the median of the windows after the first
      (compile and warm-up) set beside the bare step: loop share = 1 - bare / loop, the part of each step outside the
      model's own work.
-Bare steps alternate eager/compiled and ours/theirs round by round; medians over --rounds. Not collected by pytest.
+Bare steps alternate eager/compiled and ours/theirs round by round, --rounds before the loop runs and --rounds after
+it; medians over all of them. Not collected by pytest.
 
     python tests/bench_cifar_unet.py                                       # GPU: default U-Net, batch 128, bf16
     python tests/bench_cifar_unet.py --preset tiny --batch-size 32 --compile false --device cpu   # this CPU
@@ -43,9 +44,10 @@ def sync(dev):
 
 
 class BareStep:
-    """One model's training step on fixed inputs, as the script configures it: forward (autocast), the squared error
-    to the noise, backward, clip, AdamW with the script's weight decay."""
-    def __init__(self, model, call, c, dev, compiled):
+    """One model's training step on one fixed batch of the script's data, noised as the script does (x_t from
+    q_sample at random t), as the script configures it: forward (autocast), the squared error to the noise, backward,
+    clip, AdamW with the script's weight decay."""
+    def __init__(self, model, call, c, dev, compiled, x0, y):
         layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format
         self.model, self.dev, self.clip = model.to(dev, memory_format=layout).train(), dev, c['grad_clip']
         self.net = torch.compile(self.model) if compiled else self.model
@@ -54,11 +56,11 @@ class BareStep:
                                      fused=dev.type == 'cuda')
         self.autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
         g = torch.Generator(dev).manual_seed(0)
-        B, S = c['batch_size'], c['image_size']
-        self.x = torch.randn(B, 3, S, S, generator=g, device=dev).contiguous(memory_format=layout)
-        self.noise = torch.randn(B, 3, S, S, generator=g, device=dev)
-        self.t = torch.randint(0, c['timesteps'], (B,), generator=g, device=dev)
-        self.y = torch.randint(0, 11, (B,), generator=g, device=dev)
+        alphas_cumprod = torch.cumprod(1 - ddpm_cifar.make_betas(c), 0).float().to(dev)
+        self.noise = torch.randn(x0.shape, generator=g, device=dev)
+        self.t = torch.randint(0, c['timesteps'], (len(x0),), generator=g, device=dev)
+        self.x = ddpm_cifar.q_sample(x0, alphas_cumprod[self.t].view(-1, 1, 1, 1), self.noise).contiguous(memory_format=layout)
+        self.y = y
 
     def __call__(self, steps):
         """ms per step over `steps` steps (the device synchronised before and after)."""
@@ -78,6 +80,7 @@ class BareStep:
 
 def loop_windows(argv, dev, compiled):
     """ddpm_cifar.train() as the script runs it (its own flags), printing as it goes; its per-window ms/step."""
+    print(f"loop | ddpm_cifar.py train(), {'compiled' if compiled else 'eager'}, {argv[argv.index('--max-steps') + 1]} steps:")
     c = ddpm_cifar.get_config(argv + ['--compile', str(compiled).lower()])
     ddpm_cifar.check_config(c)
     with tempfile.TemporaryDirectory() as out:
@@ -127,25 +130,30 @@ def main():
             calls['diffusers UNet2DModel'] = lambda m, x, t, y: m(x, t, class_labels=y).sample
         except ImportError:
             print('(diffusers not installed: its rows are skipped; pip install diffusers)')
+    ds = ddpm_cifar.load_data(c)[0]
+    x0 = torch.stack([ds[i][0] for i in range(a.batch_size)]).to(dev).float() / 127.5 - 1  # the first batch
+    y = torch.tensor([int(ds[i][1]) for i in range(a.batch_size)], device=dev)
     torch.manual_seed(0)
-    steps = {(k, m): BareStep(models[k](), calls[k], c, dev, m) for k in models for m in modes}
+    steps = {(k, m): BareStep(models[k](), calls[k], c, dev, m, x0, y) for k in models for m in modes}
     times = {k: [] for k in steps}
     for step in steps.values():  # warm-up, compile included
         step(2)
-    for _ in range(a.rounds):
-        for k, step in steps.items():
-            step(1)
-            times[k].append(step(a.steps))
+
+    def rounds():
+        for _ in range(a.rounds):
+            for k, step in steps.items():
+                step(1)
+                times[k].append(step(a.steps))
+    rounds()
+    loops = {m: loop_windows(argv, dev, m)[1:] for m in modes}  # the first window holds compile and warm-up
+    rounds()  # the bare rounds again after the loop: a drifting machine then weighs on both alike
     bare = {}
     for (k, m), v in times.items():
         bare[k, m] = statistics.median(v)
         params = sum(p.numel() for p in steps[k, m].model.parameters())
         print(f"bare step | {k:22s} | {'compiled' if m else 'eager   '} | {params:,} parameters | {bare[k, m]:.1f} ms/step"
               f" | {a.batch_size / bare[k, m] * 1e3:,.0f} img/s | rounds {' '.join(f'{x:.1f}' for x in v)}")
-    del steps
-    for m in modes:
-        print(f"loop | ddpm_cifar.py train(), {'compiled' if m else 'eager'}, {a.loop_steps} steps:")
-        windows = loop_windows(argv, dev, m)[1:]  # the first window holds compile and warm-up
+    for m, windows in loops.items():
         ms, b = statistics.median(windows), bare['ddpm_cifar UNet', m]
         print(f"loop | {'compiled' if m else 'eager   '} | {ms:.1f} ms/step (median of {len(windows)} windows after the "
               f"first) | {a.batch_size / ms * 1e3:,.0f} img/s | {b / ms:.1%} of the bare step's speed | loop share "

@@ -27,7 +27,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run it, log it, say how it ended
   timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$out/$name.log"
   echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
 }
-rm -f "$out/summary.txt"
+rm -rf "$out/summary.txt" "$out/cifar" "$out/mnist" "$out/score_sde" "$out/gan"  # fresh runs, not resumes
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 python -c 'import torch; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
