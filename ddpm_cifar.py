@@ -524,6 +524,9 @@ def pick_device(name, local_rank=0):
             raise SystemExit(f'ddpm_cifar.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
                              f'--nproc_per_node={gpus} (one process per GPU), or --device cpu')
         dev = torch.device('cuda', local_rank)
+    if dev.type == 'cuda' and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f'ddpm_cifar.py: --device {name}: this machine has {torch.cuda.device_count()} GPU(s), '
+                         f'cuda:0 to cuda:{torch.cuda.device_count() - 1}')
     return dev
 
 

@@ -361,13 +361,17 @@ def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path):
     check_torchrun_matches_one_process(os.path.join(HERE, 'ddpm_cifar.py'), run, tmp_path, 29531, 6)
 
 
-def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch):
+def test_more_torchrun_processes_than_gpus_or_a_missing_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     with pytest.raises(SystemExit) as e:
         d.pick_device('auto', 1)
     assert '--nproc_per_node=1' in str(e.value) and '\n' not in str(e.value)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    with pytest.raises(SystemExit) as e:
+        d.pick_device('cuda:5')
+    assert 'this machine has 1 GPU(s), cuda:0 to cuda:0' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_guidance_steers_towards_the_requested_class(tmp_path, capsys):
