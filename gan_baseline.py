@@ -588,7 +588,8 @@ def train(c, dev, out, rank, world, extract):
     ema.load_state_dict(G.state_dict())
     adam = lambda m: torch.optim.Adam(m.parameters(), lr=c['lr'], betas=(c['beta1'], c['beta2']), fused=dev.type == 'cuda')
     opt_g, opt_d = adam(G), adam(D)
-    scaler_g, scaler_d = (torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16') for _ in range(2))
+    scaled = c['dtype'] == 'float16'
+    scaler_g, scaler_d = (torch.amp.GradScaler(dev.type, enabled=scaled) for _ in range(2))
     state = dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler_g=scaler_g, scaler_d=scaler_d)
     step, evals = 0, []
     if ckpt:
@@ -668,8 +669,11 @@ def train(c, dev, out, rank, world, extract):
                 if g_buffers:  # batch norm's running statistics
                     torch._foreach_copy_(ema_buffers, g_buffers)
             step += 1
-            # log, eval, save: the only places that wait for the device
-            logs.append(torch.stack([d_loss.detach(), g_loss.detach(), gp.detach(), torch.full((), float(g_step), device=dev)]))
+            # log, eval, save: the only places that wait for the device. Under float16 a non-finite loss is a step the
+            # GradScaler skipped (weights untouched, its scale halved): counted, left out of the means
+            losses = torch.stack([d_loss.detach(), g_loss.detach(), gp.detach()])
+            kept = losses.isfinite().all() if scaled else torch.ones((), dtype=torch.bool, device=dev)
+            logs.append(torch.cat([losses.where(kept, 0), torch.stack([kept & g_step, kept]).float()]))
             log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
             every = c['fid_every'] * steps_per_epoch
             evaluate = (every and step % every == 0) or step == stop
@@ -678,17 +682,20 @@ def train(c, dev, out, rank, world, extract):
             sums = torch.cat([torch.stack(logs).sum(0), torch.tensor([float(bool(caught))], device=dev)])
             if world > 1:  # the ranks agree on the losses and on stopping
                 dist.all_reduce(sums)
-            d_sum, g_sum, gp_sum, g_steps, stopping = sums.tolist()
-            if not math.isfinite(d_sum + g_sum + gp_sum):
-                raise SystemExit(f'gan_baseline.py: a loss is {d_sum + g_sum + gp_sum} in steps {step - len(logs) + 1}-'
-                                 f'{step}; the last good checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            d_sum, g_sum, gp_sum, g_steps, n, stopping = sums.tolist()
+            skipped = len(logs) * world - n
+            if not math.isfinite(d_sum + g_sum + gp_sum) or (skipped and scaler_d.get_scale() < 2 ** -8):
+                raise SystemExit(f"gan_baseline.py: a loss is {d_sum + g_sum + gp_sum if n else 'nan'} in steps "
+                                 f'{step - len(logs) + 1}-{step}; the last good checkpoint {path} is kept; try a lower '
+                                 '--lr or --dtype float32')
             if log:
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
                 if rank == 0:
-                    n = len(logs) * world
-                    gp_part = f' | gp {gp_sum / n:.4f}' if c['loss'] == 'wgan-gp' else ''
-                    print(f"step {step}/{stop} | d {d_sum / n:.4f} | g {g_sum / g_steps if g_steps else math.nan:.4f}"
-                          f"{gp_part} | {ms:.1f} ms/step | {c['batch_size'] / ms * 1e3:,.0f} img/s | "
+                    gp_part = f' | gp {gp_sum / n:.4f}' if c['loss'] == 'wgan-gp' and n else ''
+                    skip_part = f' | {skipped:.0f} step(s) skipped by the float16 GradScaler' if skipped else ''
+                    print(f"step {step}/{stop} | d {d_sum / n if n else math.nan:.4f} | g "
+                          f"{g_sum / g_steps if g_steps else math.nan:.4f}{gp_part}{skip_part} | {ms:.1f} ms/step | "
+                          f"{c['batch_size'] / ms * 1e3:,.0f} img/s | "
                           f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
                 logs, s_win = [], step
             t_pause = time.time()

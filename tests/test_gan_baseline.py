@@ -226,6 +226,26 @@ def test_wgan_gp_under_compile(tmp_path, capsys):
     assert line and all(math.isfinite(float(v)) for v in line.groups()) and ckpt_step(tmp_path / 'ckpt.pt') == 8
 
 
+@pytest.mark.parametrize('lr, ends', [(2e-4, 'step 8/8'), (1e30, 'a loss is nan in steps')])
+def test_float16_overflows_are_skipped_steps_and_divergence_still_stops(data, tmp_path, lr, ends, capsys):
+    """float16: the GradScaler starts at 2^16, so the penalty's input gradient overflows in the first steps; those are
+    steps the scaler skips (weights untouched, scale halved), counted in the log line, not a divergence (on a GPU the
+    run stopped: 'a loss is nan in steps 1-3'). A diverged run skips every step, its scale falls under 2^-8 (24 skips)
+    and it stops. CPU autocast has float16, so train() is called past main's CUDA-only check."""
+    c = gb.get_config(flags(data, tmp_path, '--loss', 'wgan-gp', '--max-steps', '40' if lr > 1 else '8', '--epochs', '5',
+                                '--log-every', '8', '--lr', str(lr)))
+    c['dtype'] = 'float16'
+    try:
+        gb.train(c, torch.device('cpu'), str(tmp_path), 0, 1, None)
+    except SystemExit as e:
+        print(e)
+    out = capsys.readouterr().out
+    assert ends in out and 'step(s) skipped by the float16 GradScaler' in out, out
+    if lr < 1:
+        ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+        assert ckpt['step'] == 8 and ckpt['scaler_d'] and all(w.isfinite().all() for w in ckpt['G'].values())
+
+
 def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, capsys, monkeypatch):
     """An RGB folder at 16 pixels, bf16 autocast through the gradient penalty's double backward, spectral norm,
     DiffAugment; FID through a stand-in feature extractor (torch-fidelity's Inception is not on these machines)."""

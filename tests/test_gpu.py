@@ -62,7 +62,8 @@ def torchrun(nproc, name, argv, port):
 
 @pytest.mark.parametrize('name', list(RUNS))
 def test_torchrun_one_process_with_nccl(name, data, tmp_path):
-    r = torchrun(1, name, RUNS[name] + COMMON + ['--data-dir', data, '--out-dir', str(tmp_path)], 29541)
+    port = 29541 + list(RUNS).index(name)  # a port each, so the tests may run side by side (pytest -n)
+    r = torchrun(1, name, RUNS[name] + COMMON + ['--data-dir', data, '--out-dir', str(tmp_path)], port)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'cuda:0' in r.stdout and '1 process(es)' in r.stdout and 'step 6/6' in r.stdout
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 6
@@ -71,6 +72,6 @@ def test_torchrun_one_process_with_nccl(name, data, tmp_path):
 def test_more_torchrun_processes_than_gpus_stop_with_one_line(data, tmp_path):
     n = torch.cuda.device_count()
     r = torchrun(n + 1, 'ddpm_mnist', RUNS['ddpm_mnist'] + COMMON + ['--data-dir', data, '--out-dir', str(tmp_path)],
-                 29542)
+                 29549)
     assert r.returncode != 0 and f'use --nproc_per_node={n} (one process per GPU)' in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / 'ckpt.pt').exists()
