@@ -1,30 +1,24 @@
 """
-Class-conditional DDPM with classifier-free guidance on CIFAR-10 (or any image folder: FFHQ at 96, LSUN at 64).
+Class-conditional DDPM with classifier-free guidance on CIFAR-10 (or an image folder: FFHQ at 96, LSUN at 64).
 
-DDPM (Ho et al. 2020, arXiv:2006.11239): the simple loss |eps - eps_theta(x_t, t, y)|^2 (eq. 14), the linear
-schedule beta 1e-4 .. 0.02 over T = 1000 (or the cosine one, Nichol & Dhariwal eq. 17), the CIFAR-10 U-Net
-(base width 128, multipliers 1,2,2,2, two residual blocks per level, dropout 0.1, self-attention at 16x16;
-35.75M parameters with the class embedding). Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598):
-the label is replaced by a learned null class per sample with probability p_uncond during training, and
-sampling uses eps = eps_uncond + s (eps_cond - eps_uncond) (eq. 6 written with s = 1 + w: s = 1 is the
-plain conditional model, s = 0 the unconditional one). Samplers: ancestral (Algorithm 2) and DDIM
-(Song et al. 2020, eq. 12) on a respaced subset of the steps; latent interpolation slerps two x_T and runs
-deterministic DDIM (eta = 0), where the map from noise to image is a function and nearby noises give
-nearby images. lr 2e-4 with warm-up (as DDPM): the seed's 1e-3 makes this 36M-parameter network diverge.
-Timestep index t = 0..T-1 stands for the papers' 1..T; abar_t in formulas is alphas_cumprod[t].
-
---fid N: FID and Inception Score of N guided samples (balanced labels) against the training set's
-statistics (cached), with the standard TF-Inception weights through torch-fidelity (an optional package,
-imported only then: pip install torch-fidelity). --fid-every E repeats it every E epochs and plots the curve.
-Literature for calibration (50k samples): DDPM unconditional 3.17; EDM conditional 1.79.
+DDPM (Ho et al. 2020, arXiv:2006.11239): the loss |eps - eps_theta(x_t, t, y)|^2 (eq. 14), the linear schedule
+1e-4 .. 0.02 over T = 1000 (or cosine, Nichol & Dhariwal eq. 17), the CIFAR-10 U-Net (width 128, multipliers 1,2,2,2,
+two residual blocks per level, dropout 0.1, attention at 16x16; 35.75M parameters with the class embedding).
+Classifier-free guidance (Ho & Salimans 2022, eq. 6 with s = 1 + w): training replaces each label by a null class
+with probability p_uncond; sampling takes eps_u + s (eps_c - eps_u), s = 1 conditional, s = 0 unconditional.
+Samplers: ancestral (Algorithm 2) and DDIM (Song et al. 2020, eq. 12) on a respaced subset of the steps; the
+interpolation figure slerps two x_T through deterministic DDIM. lr 2e-4 after a warm-up (the seed's 1e-3 diverges).
+Index t = 0..T-1 stands for the papers' 1..T; abar_t is alphas_cumprod[t]. --fid N scores N guided samples (FID and
+Inception Score against the training set's cached statistics) with torch-fidelity's TF-Inception (pip install
+torch-fidelity); --fid-every E repeats it every E epochs. Literature (50k samples): DDPM 3.17 unconditional, EDM 1.79.
 
 Run:
-    python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU (bf16 autocast); 35.75M parameters
+    python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU (bf16 autocast)
     torchrun --nproc_per_node=8 ddpm_cifar.py --epochs 600 --cfg 3.0   # DDP; --batch-size is global
     python ddpm_cifar.py --dataset folder --data-dir ffhq --image-size 96 --attn-res 24 --channel-mults 1,2,2,2
     python ddpm_cifar.py --preset tiny --dataset shapes --image-size 16   # CPU: 3 generated classes, minutes (README)
-    python ddpm_cifar.py --sample-only true --n-samples 50000 --fid 50000   # samples.npz (uint8 NHWC, labels) and FID
-    python ddpm_cifar.py --resume true                                 # continue exactly where ckpt.pt left off
+    python ddpm_cifar.py --sample-only true --n-samples 50000 --fid 50000   # samples.npz (uint8 NHWC, labels), FID
+    python ddpm_cifar.py --resume true                                 # continue exactly; Ctrl-C and SIGTERM save
 """
 import argparse
 import json
@@ -45,15 +39,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---- config ----
-dataset = 'cifar10'           # 'cifar10' | 'folder' | 'shapes': an image folder (sub-folders = classes), or 3 generated classes
+dataset = 'cifar10'           # 'cifar10' | 'folder' | 'shapes': a folder (sub-folders = classes); 3 generated classes
 data_dir = './data'           # torchvision's CIFAR-10 root (cifar-10-batches-py/...), or the image folder
 image_size = 32               # folder images are centre-cropped and resized to this; CIFAR-10 is 32
 out_dir = 'out/ddpm_cifar'    # ckpt.pt, figures, samples.npz, config.json and a copy of this file
-preset = 'default'            # 'default' | 'tiny': 'default' is these constants; 'tiny' swaps in TINY_PRESET for flags not given
+preset = 'default'            # 'default' | 'tiny': 'tiny' sets TINY_PRESET's values for the flags not given
 channels = 128                # U-Net base width, a multiple of 32
 channel_mults = '1,2,2,2'     # width multiplier per resolution, from image_size down, halving
 res_blocks = 2                # residual blocks per resolution on the way down (one more on the way up)
-attn_res = '16'               # resolutions with self-attention, comma-separated ('' = none; the middle always has it)
+attn_res = '16'               # resolutions with self-attention ('' = none; the middle always has it)
 dropout = 0.1                 # in the residual blocks
 schedule = 'linear'           # 'linear' | 'cosine'
 timesteps = 1000              # T
@@ -70,18 +64,18 @@ grad_clip = 1.0               # max gradient norm; 0 = off
 ema = 0.9999                  # decay of the weight average that is sampled from
 flip = True                   # random horizontal flips of the training images
 train_images = 0              # 0 = all; fewer for quick runs
-workers = 4                   # DataLoader worker processes decoding a --dataset folder; 0 = in the main process
+workers = 4                   # DataLoader processes decoding a --dataset folder; 0 = in the main process
 sampler = 'ddim'              # 'ddim' | 'ddpm'
 sample_steps = 50             # reverse steps; 0 = T (DDPM runs all T)
 eta = 0.0                     # DDIM noise: 0 = deterministic, 1 = DDPM-like
 sigma = 'beta'                # 'beta' | 'beta_tilde': variance of the DDPM step
-n_samples = 100               # samples written by --sample-only (labels cycle through the classes), and in the grid
+n_samples = 100               # samples written by --sample-only (labels cycling through the classes); the grid's
 fid = 0                       # samples scored by FID and IS at the end (and with --sample-only); 0 = off
 fid_every = 0                 # epochs between FIDs during training (of --fid samples); 0 = only at the end
 fid_stats = ''                # the training set's cached Inception statistics (.npz); '' = in out_dir
 fid_weights = ''              # torch-fidelity's Inception weights (.pth) for offline use; '' = download once
 device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cuda, then mps, then cpu
-dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': training autocast; auto = bfloat16 on CUDA
+dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast; auto = bfloat16 on CUDA
 compile = False               # torch.compile the training model
 resume = False                # continue from out_dir/ckpt.pt
 sample_only = False           # load out_dir/ckpt.pt (EMA weights) and write n_samples to samples.npz
@@ -90,48 +84,52 @@ save_every = 1000             # steps between checkpoints
 log_every = 100               # steps between progress lines; each checks the loss is finite
 seed = 0                      # data order, noise and initial weights
 
-TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200, epochs=10,
-                   batch_size=32, lr=1e-3, warmup=20, ema=0.99, workers=0, sample_steps=20, train_images=2000, log_every=10)
+TINY_PRESET = dict(channels=32, channel_mults='1,2', res_blocks=1, attn_res='', dropout=0.0, timesteps=200,
+                   epochs=10, batch_size=32, lr=1e-3, warmup=20, ema=0.99, workers=0, sample_steps=20,
+                   train_images=2000, log_every=10)
 ARCH = ('dataset', 'image_size', 'channels', 'channel_mults', 'res_blocks', 'attn_res', 'schedule', 'timesteps',
         'beta_start', 'beta_end')
 
 
 def get_config(argv=None):
-    """Every lowercase constant from the config banner to the next banner becomes --dashed-name
-    with the default's type (blank lines and comment paragraphs may sit among them); a dict.
-    --preset tiny then sets TINY_PRESET's values for the flags not given on the command line."""
+    """Every lowercase constant from the config banner to the next banner becomes --dashed-name with the
+    default's type (blank lines and comment paragraphs may sit among them); a dict. --preset tiny then sets
+    TINY_PRESET's values for the flags not given on the command line."""
     def parse_bool(s):
         if s.lower() in ('true', '1', 'false', '0'):
             return s.lower() in ('true', '1')
         raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
     block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]  # to the next banner
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    for name, comment in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):  # lowercase constants
+    for name, comment in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):
         default = globals()[name]
         listed = re.match(r"'[^']*'(?: *\| *'[^']*')+", comment)  # a leading 'a' | 'b' list gives the choices
-        choices = re.findall(r"'([^']*)'", listed[0]) if listed else None
-        ap.add_argument('--' + name.replace('_', '-'), default=default, choices=choices,
+        ap.add_argument('--' + name.replace('_', '-'), default=default,
+                        choices=re.findall(r"'([^']*)'", listed[0]) if listed else None,
                         type=parse_bool if isinstance(default, bool) else type(default),
                         help=f'{comment} [{default!r}]'.replace('%', '%%'))
     c = vars(ap.parse_args(argv))
-    given = {a[2:].split('=')[0].replace('-', '_') for a in (argv if argv is not None else sys.argv[1:]) if a.startswith('--')}
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a[2:].split('=')[0].replace('-', '_') for a in argv if a.startswith('--')}
     if c['preset'] == 'tiny':
         c.update({k: v for k, v in TINY_PRESET.items() if k not in given})
-    c['cfg_given'] = 'cfg' in given  # an unconditional folder model refuses an explicit --cfg, ignores the default
+    c['cfg_given'] = 'cfg' in given  # an unconditional model refuses an explicit --cfg, ignores the default
     return c
 
 
 def check_config(c):
-    """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
+    """One line saying what is wrong and what would work, for flags argparse accepts but a run can't use."""
     mults = c['channel_mults'].split(',')
     down = 2 ** (len(mults) - 1)
     problems = [
-        (not all(m.strip().isdigit() and int(m) > 0 for m in mults), "--channel-mults takes positive integers like '1,2,2,2'"),
-        (c['image_size'] < 8 or c['image_size'] % down, f"--image-size {c['image_size']}: the U-Net halves it "
-                                                       f"{len(mults) - 1} times, so it must be a multiple of {down}"),
-        (c['dataset'] == 'cifar10' and c['image_size'] != 32, 'CIFAR-10 is 32x32: drop --image-size or use --dataset folder'),
-        (not re.fullmatch(r'(\d+(,\d+)*)?', c['attn_res'].replace(' ', '')), "--attn-res takes resolutions like '16' or '16,8'"),
-        (c['channels'] % 32 != 0 or c['channels'] <= 0, '--channels must be a positive multiple of 32 (for GroupNorm)'),
+        (not all(m.strip().isdigit() and int(m) > 0 for m in mults),
+         "--channel-mults takes positive integers like '1,2,2,2'"),
+        (c['image_size'] < 8 or c['image_size'] % down,
+         f"--image-size {c['image_size']}: the U-Net halves it {len(mults) - 1} times, so a multiple of {down}"),
+        (c['dataset'] == 'cifar10' and c['image_size'] != 32, 'CIFAR-10 is 32x32: drop --image-size or use a folder'),
+        (not re.fullmatch(r'(\d+(,\d+)*)?', c['attn_res'].replace(' ', '')),
+         "--attn-res takes resolutions like '16' or '16,8'"),
+        (c['channels'] % 32 != 0 or c['channels'] <= 0, '--channels must be a positive multiple of 32 (GroupNorm)'),
         (c['timesteps'] < 2, '--timesteps must be at least 2'),
         (not 0 < c['beta_start'] < c['beta_end'] < 1, '--beta-start and --beta-end need 0 < start < end < 1'),
         (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
@@ -145,9 +143,10 @@ def check_config(c):
         (0 < c['fid'] < 2, '--fid needs at least 2 samples for a covariance'),
         (not 0 <= c['p_uncond'] < 1, '--p-uncond is a probability below 1'),
         (c['cfg'] < 0, '--cfg must be >= 0 (0 unconditional, 1 conditional, > 1 guided)'),
-        (c['cfg'] != 1 and c['p_uncond'] == 0, '--cfg other than 1 needs the unconditional model: train with --p-uncond > 0'),
-        (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1 and c['grad_clip'] >= 0),
-         'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, --grad-clip >= 0'),
+        (c['cfg'] != 1 and c['p_uncond'] == 0, '--cfg other than 1 needs the null class: train with --p-uncond > 0'),
+        (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1
+              and c['grad_clip'] >= 0), 'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, '
+                                        '--grad-clip >= 0'),
         (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
     ]
     for bad, why in problems:
@@ -161,7 +160,7 @@ def linear_betas(T, beta_start, beta_end):
 
 
 def cosine_betas(T, s=0.008, max_beta=0.999):
-    """beta_t = 1 - abar(t+1) / abar(t), abar(t) = cos((t/T + s) / (1 + s) * pi/2)^2 (Nichol & Dhariwal eq. 17), clipped."""
+    """beta_t = 1 - abar(t+1) / abar(t), abar(t) = cos((t/T + s) / (1 + s) pi/2)^2 (Nichol & Dhariwal 17)."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
@@ -191,7 +190,7 @@ def guided_eps(eps_cond, eps_uncond, s):
 
 
 def drop_labels(y, null, p, u):
-    """The label of each sample replaced by the null class where its uniform draw u < p (per sample, not per batch)."""
+    """Each label replaced by the null class where its uniform draw u < p (per sample, not per batch)."""
     return torch.where(u < p, torch.full_like(y, null), y)
 
 
@@ -207,15 +206,21 @@ def norm(ch):
     return nn.GroupNorm(min(32, ch // 4), ch)  # 32 groups as DDPM, fewer for the narrow tiny preset
 
 
+def zero(layer):
+    """The layer with its weights and bias zeroed: a residual branch that starts as the identity."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv; plus the time-and-class embedding; GroupNorm, SiLU, dropout, 3x3 conv
-    (zero-initialised, so each block starts as the identity); a 1x1 conv on the skip path when the width changes."""
+    (zeroed); a 1x1 conv on the skip path when the width changes."""
     def __init__(self, cin, cout, tdim, dropout):
         super().__init__()
         self.norm1, self.conv1, self.temb = norm(cin), nn.Conv2d(cin, cout, 3, padding=1), nn.Linear(tdim, cout)
-        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
@@ -224,12 +229,11 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H x W positions, residual, output projection zero-initialised."""
+    """Multi-head self-attention over the H x W positions, residual, its output projection zeroed."""
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads, self.norm, self.qkv, self.proj = heads, norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.heads, self.norm = heads, norm(ch)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
@@ -240,23 +244,22 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y): the DDPM U-Net (Ho et al. appendix B) with a class embedding (num_classes + 1 rows, the
-    last the null class) added to the time embedding. Per resolution, res_blocks ResBlocks on the way down (attention
-    after each where listed) then a stride-2 conv; the middle is ResBlock, attention, ResBlock; on the way up
-    res_blocks + 1 ResBlocks, each fed the matching skip."""
+    """eps_theta(x_t, t, y): the DDPM U-Net (Ho et al. appendix B) with a class embedding (num_classes + 1
+    rows, the last the null class) added to the time embedding. Per resolution, res_blocks ResBlocks on the
+    way down (attention after each where listed) then a stride-2 conv; the middle is ResBlock, attention,
+    ResBlock; on the way up res_blocks + 1 ResBlocks, each fed the matching skip."""
     def __init__(self, channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_res=(16,), dropout=0.1, image_size=32,
                  num_classes=10):
         super().__init__()
-        tdim, res = 4 * channels, image_size
-        self.channels = channels
+        tdim, res, self.channels = 4 * channels, image_size, channels
         self.temb = nn.Sequential(nn.Linear(channels, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.label = nn.Embedding(num_classes + 1, tdim)
         self.inp = nn.Conv2d(3, channels, 3, padding=1)
+        block = lambda cin, cout: [ResBlock(cin, cout, tdim, dropout)] + ([Attention(cout)] if res in attn_res else [])
         self.down, skips, ch = nn.ModuleList(), [channels], channels
         for i, m in enumerate(mults):
             for _ in range(res_blocks):
-                attn = [Attention(channels * m)] if res in attn_res else []
-                self.down.append(nn.ModuleList([ResBlock(ch, channels * m, tdim, dropout)] + attn))
+                self.down.append(nn.ModuleList(block(ch, channels * m)))
                 ch = channels * m
                 skips.append(ch)
             if i < len(mults) - 1:
@@ -267,24 +270,19 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mults))):
             for _ in range(res_blocks + 1):
-                attn = [Attention(channels * m)] if res in attn_res else []
-                self.up.append(nn.ModuleList([ResBlock(ch + skips.pop(), channels * m, tdim, dropout)] + attn))
+                self.up.append(nn.ModuleList(block(ch + skips.pop(), channels * m)))
                 ch = channels * m
             if i > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, ch, 3, padding=1)]))
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2), nn.Conv2d(ch, ch, 3, padding=1)]))
                 res *= 2
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, 3, 3, padding=1)))
 
-    def forward(self, x, t, y):  # x (B, 3, H, W), t (B,), y (B,) in 0..num_classes (num_classes = null) -> (B, 3, H, W)
+    def forward(self, x, t, y):  # x (B, 3, H, W), t (B,), y (B,) in 0..num_classes (the last: null) -> (B, 3, H, W)
         emb = self.temb(timestep_embedding(t, self.channels)) + self.label(y)
-        h = self.inp(x)
-        hs = [h]
+        hs = [self.inp(x)]
         for layers in self.down:
-            h = run(layers, h, emb)
-            hs.append(h)
-        h = run(self.mid, h, emb)
+            hs.append(run(layers, hs[-1], emb))
+        h = run(self.mid, hs[-1], emb)
         for layers in self.up:
             h = run(layers, torch.cat([h, hs.pop()], 1) if isinstance(layers[0], ResBlock) else h, emb)
         return self.out(h)
@@ -297,11 +295,12 @@ def run(layers, h, emb):
 
 
 def make_model(c, num_classes):
-    """The network contract, for a forker who swaps in another: model(x_t, t, y) -> eps_hat, with x_t (B, 3, S, S) in
-    [-1, 1]-data units, t (B,) integer steps 0..T-1 and y (B,) labels 0..num_classes, where num_classes is the null
-    label (unconditional); eps_hat has x_t's shape and is the predicted noise (the loss is eq. 14 and the samplers
-    read eps). The loop also uses .parameters(), .state_dict() and .train()/.eval(), nothing else: the number of
-    classes travels as an argument, not as an attribute of the model."""
+    """The network contract, for a forker who swaps in another: model(x_t, t, y) -> eps_hat, with x_t (B, 3,
+    S, S) in [-1, 1]-data units, t (B,) integer steps 0..T-1 and y (B,) labels 0..num_classes, where
+    num_classes is the null label (unconditional); eps_hat has x_t's shape and is the predicted noise (the
+    loss is eq. 14 and the samplers read eps). The loop also uses .parameters(), .state_dict() and
+    .train()/.eval(), nothing else: the number of classes travels as an argument, not as an attribute of the
+    model."""
     mults = tuple(int(m) for m in c['channel_mults'].split(','))
     attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
     return UNet(c['channels'], mults, c['res_blocks'], attn, c['dropout'], c['image_size'], num_classes)
@@ -309,31 +308,33 @@ def make_model(c, num_classes):
 
 # ---- sampling ----
 def slerp(z0, z1, a):
-    """Spherical interpolation per sample (Shoemake 1985): the angle theta between z0 and z1 is swept at rate a, so
-    the norm (about sqrt(D) for Gaussian noise) stays where the sampler expects it, unlike the linear mix."""
+    """Spherical interpolation per sample (Shoemake 1985): the angle between z0 and z1 swept at rate a, so the
+    norm (about sqrt(D) for Gaussian noise) stays where the sampler expects it, unlike the linear mix."""
     cos = (z0 * z1).flatten(1).sum(1) / (z0.flatten(1).norm(dim=1) * z1.flatten(1).norm(dim=1))
     theta = cos.clamp(-1, 1).acos().view(-1, *[1] * (z0.dim() - 1))
     return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
 
 
 @torch.no_grad()
-def sample(model, shape, betas, labels, null, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0, generator=None,
-           device='cpu', x_T=None):
-    """Reverse process from x_T ~ N(0, I) (or the given x_T), guided at scale cfg with the condition and the null
-    label (an integer: the number of classes) in one batched forward pass. 'ddpm': Algorithm 2 over all T steps,
-    x_{t-1} = the posterior mean (eq. 7) at the predicted x0 (clipped to [-1, 1]) plus sigma_t z. 'ddim': eq. 12 of
-    Song et al. on `steps` evenly spaced timesteps (0 = all T), noise eta * eq. 16. Returns x_0 in [-1, 1]."""
+def sample(model, shape, betas, labels, null, cfg=1.0, steps=0, method='ddim', sigma='beta', eta=0.0,
+           generator=None, device='cpu', x_T=None):
+    """Reverse process from x_T ~ N(0, I) (or the given x_T), guided at scale cfg with the condition and the
+    null label (an integer: the number of classes) in one batched forward pass. 'ddpm': Algorithm 2 over all T
+    steps, x_{t-1} = the posterior mean (eq. 7) at the predicted x0 (clipped to [-1, 1]) plus sigma_t z.
+    'ddim': eq. 12 of Song et al. on `steps` evenly spaced timesteps (0 = all T), noise eta * eq. 16. Returns
+    x_0 in [-1, 1]."""
     alphas_cumprod = torch.cumprod(1 - betas.double(), 0).float().to(device)
-    T = len(betas)
+    T, labels = len(betas), labels.to(device)
+    nulls = torch.full_like(labels, null)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-    labels = labels.to(device)
-    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
+    ts = range(T - 1, -1, -1) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
+    ts = list(ts)
     for i, t in enumerate(ts):
         tt = torch.full(shape[:1], t, device=device, dtype=torch.long)
         if cfg == 1 or cfg == 0:  # one pass: the label, or the null label
-            eps = model(x, tt, labels if cfg == 1 else torch.full_like(labels, null)).float()
+            eps = model(x, tt, labels if cfg == 1 else nulls).float()
         else:
-            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, null)])).float()
+            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()
             eps = guided_eps(*both.chunk(2), cfg)
         a = alphas_cumprod[t]
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)  # eq. 4 inverted, clipped
@@ -350,12 +351,14 @@ def sample(model, shape, betas, labels, null, cfg=1.0, steps=0, method='ddim', s
     return x.clamp(-1, 1)
 
 
-def sample_as_configured(model, num_classes, labels, c, betas, generator, dev, x_T=None):
-    """Images (n, 3, S, S) in [-1, 1] on the CPU for these labels, with the config's sampler, steps, guidance."""
+def sample_as_configured(model, num_classes, labels, c, betas, generator, dev, x_T=None, **override):
+    """Images (n, 3, S, S) in [-1, 1] on the CPU for these labels, with the config's sampler, steps and
+    guidance (an unconditional model has only the null label), or those in override (cfg=0, method='ddim')."""
+    how = dict(cfg=c['cfg'] if num_classes else 1.0, steps=c['sample_steps'], method=c['sampler'], sigma=c['sigma'],
+               eta=c['eta'])
     shape = (len(labels), 3, c['image_size'], c['image_size'])
-    cfg = c['cfg'] if num_classes else 1.0  # an unconditional model has only the null label
-    return sample(model, shape, betas, labels, num_classes, cfg, c['sample_steps'], c['sampler'], c['sigma'], c['eta'],
-                  generator, dev, x_T).cpu()
+    return sample(model, shape, betas, labels, num_classes, **(how | override), generator=generator, device=dev,
+                  x_T=x_T).cpu()
 
 
 def balanced_labels(n, num_classes):
@@ -367,10 +370,16 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def save_grid(x, path, nrow):
+    """(N, 3, S, S) in [-1, 1] -> one PNG, nrow images per row, 1-pixel white gaps."""
+    from torchvision.utils import save_image
+    save_image((x + 1) / 2, path, nrow=nrow, padding=1, pad_value=1)
+
+
 # ---- evaluation ----
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) (Heusel et al. 2017); tr (C1 C2)^(1/2) is the trace of the
-    root of the symmetric C1^(1/2) C2 C1^(1/2), so two symmetric eigendecompositions give it (float64)."""
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) (Heusel et al. 2017); tr (C1 C2)^(1/2) is the trace of
+    the root of the symmetric C1^(1/2) C2 C1^(1/2), so two symmetric eigendecompositions give it (float64)."""
     mu1, cov1, mu2, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, cov1, mu2, cov2))
     w, v = torch.linalg.eigh(cov1)
     root1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
@@ -379,12 +388,11 @@ def frechet_distance(mu1, cov1, mu2, cov2):
 
 
 def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) per split of the samples (Salimans et al. 2016), mean and std over the splits."""
+    """exp(E_x KL(p(y|x) || p(y))) per split of the samples (Salimans et al. 2016): mean, std over splits."""
     scores = []
     for part in logits.double().chunk(splits):
         logp = part.log_softmax(1)
-        kl = (logp.exp() * (logp - logp.exp().mean(0).log())).sum(1).mean()
-        scores.append(kl.exp().item())
+        scores.append((logp.exp() * (logp - logp.exp().mean(0).log())).sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -410,7 +418,7 @@ def features(extract, images, batch=250):
 
 
 def reference_stats(c, extract, ds):
-    """The training set's feature mean and covariance, computed once (unflipped images) and cached in a file."""
+    """The training set's feature mean and covariance, computed once (unflipped images), cached in a file."""
     path = c['fid_stats'] or os.path.join(c['out_dir'], f"fid_stats_{c['dataset']}_{c['image_size']}px_{len(ds)}.npz")
     if os.path.exists(path):
         with np.load(path) as f:
@@ -423,20 +431,20 @@ def reference_stats(c, extract, ds):
 
 
 def fid_and_is(c, model, num_classes, betas, extract, stats, dev):
-    """FID of c['fid'] guided samples (labels cycling through the classes) to the reference stats, and their IS."""
+    """FID of c['fid'] guided samples (labels cycling through the classes) to the reference stats, and IS."""
     g, n, t0 = torch.Generator(dev).manual_seed(c['seed'] + 1), c['fid'], time.time()
-    labels = balanced_labels(n, num_classes)
-    imgs = torch.cat([sample_as_configured(model, num_classes, y, c, betas, g, dev) for y in labels.split(500)])
+    imgs = torch.cat([sample_as_configured(model, num_classes, y, c, betas, g, dev)
+                      for y in balanced_labels(n, num_classes).split(500)])
     f, logits = features(extract, torch.from_numpy(to_uint8(imgs)).permute(0, 3, 1, 2))  # scored as saved: uint8
     return frechet_distance(f.mean(0), torch.cov(f.T), *stats), inception_score(logits)[0], time.time() - t0
 
 
 def shapes_hit_rates(c, model, num_classes, betas, dev, n=90):
-    """For --dataset shapes: the share of n samples (labels balanced) whose brightest channel is the requested class,
-    unguided (s = 0, where chance is 1/3) and at the config's guidance scale."""
+    """For --dataset shapes: the share of n samples (labels balanced) whose brightest channel is the requested
+    class, unguided (s = 0, where chance is 1/3) and at the config's guidance scale."""
     labels, g = balanced_labels(n, num_classes), torch.Generator(dev).manual_seed(c['seed'] + 2)
-    rates = {s: (sample_as_configured(model, num_classes, labels, dict(c, cfg=s), betas, g, dev).sum((2, 3)).argmax(1) == labels)
-             .double().mean().item() for s in (0.0, c['cfg'])}
+    hit = lambda s: sample_as_configured(model, num_classes, labels, c, betas, g, dev, cfg=s).sum((2, 3)).argmax(1)
+    rates = {s: (hit(s) == labels).double().mean().item() for s in (0.0, c['cfg'])}
     print(f"eval | shapes: the requested class (brightest channel) in {n} samples | "
           + ' | '.join(f'cfg {s:g}: {r:.0%}' for s, r in rates.items()), flush=True)
     return rates
@@ -444,16 +452,16 @@ def shapes_hit_rates(c, model, num_classes, betas, dev, n=90):
 
 # ---- data ----
 class FolderImages(torch.utils.data.Dataset):
-    """Images under root, centre-cropped and resized to size: sub-folders are the classes (sorted names), or with
-    none the images in root itself, unconditional. Items are (uint8 (3, size, size), label)."""
+    """Images under root, centre-cropped and resized to size: sub-folders are the classes (sorted names), or
+    with none the images in root itself, unconditional. Items are (uint8 (3, size, size), label)."""
     EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
     def __init__(self, root, size):
         images = lambda d: sorted(os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(self.EXTS))
         subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.classes = [d for d in subdirs if images(os.path.join(root, d))]
-        self.items = [(p, i) for i, d in enumerate(self.classes) for p in images(os.path.join(root, d))] or \
-                     [(p, 0) for p in images(root)]
+        self.items = ([(p, i) for i, d in enumerate(self.classes) for p in images(os.path.join(root, d))]
+                      or [(p, 0) for p in images(root)])
         self.size = size
 
     def __len__(self):
@@ -467,8 +475,8 @@ class FolderImages(torch.utils.data.Dataset):
 
 
 def make_shapes(n, size, seed):
-    """n images of one square or disc on black, red, green or blue by class: a generated 3-class set on which a CPU
-    can show in minutes that guidance steers (the class of a sample is its brightest channel)."""
+    """n images of one square or disc on black, red, green or blue by class: a generated 3-class set on which
+    a CPU can show in minutes that guidance steers (the class of a sample is its brightest channel)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
     r = (0.2 + 0.15 * torch.rand(n, 1, 1, generator=g)) * size  # half-width or radius
@@ -483,33 +491,34 @@ def make_shapes(n, size, seed):
 
 
 def load_data(c):
-    """The training set (its first --train-images) as a Dataset of (uint8 (3, S, S), label) and its class names
-    ([] = unconditional)."""
+    """The training set (its first --train-images) as a Dataset of (uint8 (3, S, S), label) and its class
+    names ([] = unconditional)."""
     root, n = os.path.abspath(c['data_dir']), c['train_images'] or None
     if c['dataset'] == 'shapes':
         return make_shapes(c['train_images'] or 3000, c['image_size'], c['seed'])
     if c['dataset'] == 'folder':
         ds = FolderImages(root, c['image_size']) if os.path.isdir(root) else None
         if not ds:
-            raise SystemExit(f'ddpm_cifar.py: no images ({", ".join(FolderImages.EXTS)}) in {root} or its sub-folders; '
-                             'pass --data-dir, with one sub-folder per class for a conditional model')
+            raise SystemExit(f'ddpm_cifar.py: no images ({", ".join(FolderImages.EXTS)}) in {root} or its '
+                             'sub-folders; pass --data-dir, with one sub-folder per class for a conditional model')
         ds.items = ds.items[:n]
         return ds, ds.classes
     from torchvision.datasets import CIFAR10
     try:
         cifar = CIFAR10(root, train=True, download=True)
     except Exception as e:  # no network, or a damaged file
-        raise SystemExit(f'ddpm_cifar.py: no CIFAR-10 under {os.path.join(root, "cifar-10-batches-py")} and the download '
-                         f'failed ({type(e).__name__}); place the extracted cifar-10-python.tar.gz there (data_batch_1..5, '
-                         'test_batch, batches.meta), or pass --data-dir') from None
+        raise SystemExit(f'ddpm_cifar.py: no CIFAR-10 under {os.path.join(root, "cifar-10-batches-py")} and the '
+                         f'download failed ({type(e).__name__}); place the extracted cifar-10-python.tar.gz there '
+                         '(data_batch_1..5, test_batch, batches.meta), or pass --data-dir') from None
     x = torch.from_numpy(cifar.data[:n]).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
     return torch.utils.data.TensorDataset(x, torch.tensor(cifar.targets[:n])), cifar.classes
 
 
 # ---- train ----
 def pick_device(name, local_rank=0):
-    """'auto' is cuda, then mps, then cpu; any other name must parse and be present. Under torchrun each process takes
-    the GPU of its LOCAL_RANK, and more processes than GPUs stop here, in every process, with the same line."""
+    """'auto' is cuda, then mps, then cpu; any other name must parse and be present. Under torchrun each
+    process takes the GPU of its LOCAL_RANK, and more processes than GPUs stop here, in every process, with
+    the same line."""
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     try:
@@ -518,20 +527,20 @@ def pick_device(name, local_rank=0):
         raise SystemExit(f"ddpm_cifar.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
     if not {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
         raise SystemExit(f'ddpm_cifar.py: --device {name} is not available on this machine; try --device auto')
+    gpus = torch.cuda.device_count() if dev.type == 'cuda' else 0
     if dev.type == 'cuda' and dev.index is None:
-        gpus, procs = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         if procs > gpus:
-            raise SystemExit(f'ddpm_cifar.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
-                             f'--nproc_per_node={gpus} (one process per GPU), or --device cpu')
+            raise SystemExit(f'ddpm_cifar.py: torchrun started {procs} processes on a machine with {gpus} GPU(s); '
+                             f'use --nproc_per_node={gpus} (one process per GPU), or --device cpu')
         dev = torch.device('cuda', local_rank)
-    if dev.type == 'cuda' and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f'ddpm_cifar.py: --device {name}: this machine has {torch.cuda.device_count()} GPU(s), '
-                         f'cuda:0 to cuda:{torch.cuda.device_count() - 1}')
+    if dev.type == 'cuda' and dev.index >= gpus:
+        raise SystemExit(f'ddpm_cifar.py: --device {name}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}')
     return dev
 
 
 def peak_memory_gb(dev):
-    """Peak CUDA memory allocated, or elsewhere this process's peak resident set (ru_maxrss is KiB on Linux)."""
+    """Peak CUDA memory allocated, or elsewhere the peak resident set (ru_maxrss: KiB on Linux)."""
     if dev.type == 'cuda':
         return torch.cuda.max_memory_allocated(dev) / 2 ** 30
     import resource
@@ -551,7 +560,8 @@ def load_checkpoint(path, c):
         raise SystemExit(f'ddpm_cifar.py: {path} was not written by ddpm_cifar.py (script: {script})')
     differ = [f"{k} {ckpt['config'][k]!r} (flag {c[k]!r})" for k in ARCH if ckpt['config'][k] != c[k]]
     if differ:
-        raise SystemExit(f"ddpm_cifar.py: {path} has a different model: {', '.join(differ)}; pass the checkpoint's values")
+        raise SystemExit(f"ddpm_cifar.py: {path} has a different model: {', '.join(differ)}; pass the checkpoint's "
+                         'values')
     return ckpt
 
 
@@ -564,40 +574,63 @@ def save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids):
 
 
 def catch_stop_signals():
-    """SIGINT (Ctrl-C, sent to the whole process group) and SIGTERM (a scheduler's notice before its kill) only note
-    themselves: the loop saves and stops at the next step boundary, wherever the signal landed (native code, compiled
-    code, a loader's queue). Returns the list of caught signals and a function that puts the old handlers back."""
+    """SIGINT (Ctrl-C, sent to the whole process group) and SIGTERM (a scheduler's notice before its kill)
+    only note themselves: the loop saves and stops at the next step boundary, wherever the signal landed
+    (native code, compiled code, a loader's queue). Returns the caught signals' list and a function restoring
+    the old handlers."""
     caught, sigs = [], (signal.SIGINT, signal.SIGTERM)
     old = [signal.signal(s, lambda num, frame: caught.append(num)) for s in sigs]
     return caught, lambda: [signal.signal(s, h) for s, h in zip(sigs, old)]
 
 
 def ignore_stop_signals(worker_id=None):
-    """DataLoader workers leave stopping to the main process (a dead worker would end the run before it saves)."""
+    """DataLoader workers leave stopping to the main process (a dead worker ends the run before it saves)."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
 
 def on_device(x, dev):
-    """x on the device if it takes under a quarter of the free GPU memory (CIFAR-10: 150 MB of uint8), else on the host."""
+    """x on the device if it takes under a quarter of the free GPU memory (CIFAR-10: 150 MB), else host."""
     fits = dev.type != 'cuda' or x.nbytes < torch.cuda.mem_get_info(dev)[0] / 4
     return x.to(dev) if fits else x
 
 
-def train(c, dev, out, rank, world):
-    """Step s draws t, noise, flips and label drops for the whole global batch on the device from a generator seeded by
-    (seed, s), and rank r takes rows r, r + world, ...: DistributedSampler deals the epoch's order out the same way, so
-    any number of processes trains the same model as one, and --resume continues exactly without saving RNG state.
-    Nothing waits for the GPU in a step: the loss's finiteness and a stop signal are acted on at each log and save."""
+def batches(ds, c, dev, rank, world, first, stop, steps_per_epoch):
+    """This rank's (uint8 images, labels) for steps first .. stop - 1: epoch e's order is DistributedSampler's
+    (seed, e), whose rank r takes rows r, r + world, ... of the global batch. CIFAR-10 and shapes are indexed
+    out of tensors held on the device; an image folder is decoded by one DataLoader for the whole run."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    sampler = DistributedSampler(range(len(ds)), world, rank, shuffle=True, seed=c['seed'], drop_last=True)
+    per_rank = c['batch_size'] // world
+
+    def order(where):  # the rows of steps first .. stop - 1, epoch by epoch
+        for epoch in range(first // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
+            sampler.set_epoch(epoch)
+            rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank)
+            yield from rows.to(where)[max(0, first - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
+    if isinstance(ds, TensorDataset):
+        x_all, y_all = (on_device(v, dev) for v in ds.tensors)
+        return ((x_all[i], y_all[i]) for i in order(x_all.device))
+    return DataLoader(ds, batch_sampler=(i.tolist() for i in order('cpu')), num_workers=c['workers'],
+                      pin_memory=dev.type == 'cuda', worker_init_fn=ignore_stop_signals)
+
+
+def train(c, dev, out, rank, world):
+    """Step s draws t, noise, flips and label drops for the whole global batch on the device from a generator
+    seeded by (seed, s), and rank r takes rows r, r + world, ..., as it does of the data: any number of
+    processes trains the same model as one, and --resume continues exactly without saving RNG state. Nothing
+    waits for the GPU in a step: the loss's finiteness and a stop signal are acted on at each log and save."""
+    # setup: the checkpoint before the data, so a wrong one fails at once; FID's network before training
     path = os.path.join(out, 'ckpt.pt')
-    ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
+    ckpt = load_checkpoint(path, c) if c['resume'] else None
     ds, classes = load_data(c)
     if not classes and c['cfg_given'] and c['cfg'] != 1:
-        raise SystemExit(f"ddpm_cifar.py: {c['data_dir']} has no class sub-folders, so the model is unconditional; drop --cfg")
+        raise SystemExit(f"ddpm_cifar.py: {c['data_dir']} has no class sub-folders, so the model is unconditional; "
+                         'drop --cfg')
     if ckpt and ckpt['classes'] != classes:
-        raise SystemExit(f"ddpm_cifar.py: {path} was trained on {len(ckpt['classes'])} classes, the data has {len(classes)}")
-    extract = make_inception(c, dev) if c['fid'] and rank == 0 else None  # fails before training, not after
+        raise SystemExit(f"ddpm_cifar.py: {path} was trained on {len(ckpt['classes'])} classes, the data has "
+                         f'{len(classes)}')
+    extract = make_inception(c, dev) if c['fid'] and rank == 0 else None
     betas = make_betas(c)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
     torch.manual_seed(c['seed'])
@@ -618,9 +651,8 @@ def train(c, dev, out, rank, world):
     if dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == 'cuda' else None)
     autocast = torch.autocast(dev.type, dtype=getattr(torch, c['dtype'])) if c['dtype'] != 'float32' else nullcontext()
-    B, per_rank, S = c['batch_size'], c['batch_size'] // world, c['image_size']
-    sampler = DistributedSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=c['seed'], drop_last=True)
-    steps_per_epoch = len(sampler) // per_rank
+    B, S = c['batch_size'], c['image_size']
+    steps_per_epoch = len(ds) // world // (B // world)  # DistributedSampler(drop_last) deals len // world to a rank
     if steps_per_epoch == 0:
         raise SystemExit(f'ddpm_cifar.py: {len(ds)} training images make no batch of {B}; lower --batch-size')
     total = c['epochs'] * steps_per_epoch
@@ -629,27 +661,14 @@ def train(c, dev, out, rank, world):
     stats = reference_stats(c, extract, ds) if extract else None
     if rank == 0:
         print(f"data: {len(ds):,} images, {len(classes) or 'no'} classes | {c['schedule']} schedule, T {len(betas)} | "
-              f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, {world} process(es) | "
-              f"{stop} of {total} steps of batch {B}" + (f' | resumed at step {step}' if step else ''))
-    first = step  # this run's first step (step moves on while the batches are drawn, and a loader draws ahead)
-
-    def order(where):  # this rank's rows of the data for steps step .. stop - 1, epoch by epoch
-        for epoch in range(first // steps_per_epoch, math.ceil(stop / steps_per_epoch)):
-            sampler.set_epoch(epoch)
-            rows = torch.tensor(list(sampler))[:steps_per_epoch * per_rank].view(steps_per_epoch, per_rank).to(where)
-            yield from rows[max(0, first - epoch * steps_per_epoch):stop - epoch * steps_per_epoch]
-    if isinstance(ds, TensorDataset):  # CIFAR-10, shapes: batches indexed out of tensors held on the device
-        x_all, y_all = (on_device(v, dev) for v in ds.tensors)
-        batches = ((x_all[i], y_all[i]) for i in order(x_all.device))
-    else:  # an image folder: decoded by worker processes, one loader for the whole run
-        batches = DataLoader(ds, batch_sampler=(i.tolist() for i in order('cpu')), num_workers=c['workers'],
-                             pin_memory=dev.type == 'cuda', worker_init_fn=ignore_stop_signals)
+              f"U-Net {sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, {world} "
+              f"process(es) | {stop} of {total} steps of batch {B}" + (f' | resumed at step {step}' if step else ''))
     g = torch.Generator(dev)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     losses, curve, t_win, s_win = [], [], time.time(), step
     caught, restore_signals = catch_stop_signals()
     try:
-        for x, y in batches:
+        for x, y in batches(ds, c, dev, rank, world, step, stop, steps_per_epoch):
             # noise draw: this step's t, noise, flips and label drops for the global batch; this rank's rows
             g.manual_seed(c['seed'] * 1_000_003 + step)
             t = torch.randint(0, len(betas), (B,), generator=g, device=dev)[rank::world]
@@ -659,7 +678,8 @@ def train(c, dev, out, rank, world):
             torch.manual_seed((c['seed'] * 1_000_003 + step) * 1024 + rank)  # dropout
             x0 = x.to(dev, non_blocking=True).float() / 127.5 - 1
             x0 = torch.where(mirror[:, None, None, None], x0.flip(3), x0)
-            y = drop_labels(y.to(dev, non_blocking=True), len(classes), c['p_uncond'], drop) if classes else torch.zeros_like(t)
+            y = y.to(dev, non_blocking=True)
+            y = drop_labels(y, len(classes), c['p_uncond'], drop) if classes else torch.zeros_like(t)
             xt = q_sample(x0, alphas_cumprod[t].view(-1, 1, 1, 1), noise).contiguous(memory_format=layout)
             # loss (eq. 14)
             with autocast:
@@ -687,8 +707,8 @@ def train(c, dev, out, rank, world):
                 dist.all_reduce(both)
             mean, stopping = (both / world).tolist()
             if not math.isfinite(mean):
-                raise SystemExit(f'ddpm_cifar.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last good '
-                                 f'checkpoint {path} is kept; try a lower --lr or --dtype float32')
+                raise SystemExit(f'ddpm_cifar.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last '
+                                 f'good checkpoint {path} is kept; try a lower --lr or --dtype float32')
             if log:
                 curve.append((step, mean))
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
@@ -715,36 +735,24 @@ def train(c, dev, out, rank, world):
     return ema.eval(), len(classes), betas, step, curve, fids, extract, stats
 
 
-def save_grid(x, path, nrow):
-    """(N, 3, S, S) in [-1, 1] -> one PNG, nrow images per row, 1-pixel gaps."""
-    import matplotlib.pyplot as plt
-    imgs, S = to_uint8(x), x.shape[-1]
-    rows = math.ceil(len(imgs) / nrow)
-    grid = np.full((rows * (S + 2), nrow * (S + 2), 3), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, col = divmod(i, nrow)
-        grid[r * (S + 2) + 1:r * (S + 2) + 1 + S, col * (S + 2) + 1:col * (S + 2) + 1 + S] = im
-    plt.imsave(path, grid)
-
-
 def figures(c, model, num_classes, betas, dev, out, curve, fids):
-    """A class grid (a row per class, or 10x10 unconditional), 4 slerp interpolations of 9 points between two noises
-    with deterministic DDIM, the loss curve and the FID curve."""
+    """A class grid (a row per class, or 10x10 unconditional), 4 slerp interpolations of 9 points between two
+    noises with deterministic DDIM, the loss curve and the FID curve."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     g, k = torch.Generator(dev).manual_seed(c['seed']), min(num_classes, 10) or 10
     per = max(1, min(10, c['n_samples'] // k))
     labels = balanced_labels(per * k, num_classes).view(per, k).T.flatten()  # row i: per samples of class i
-    save_grid(sample_as_configured(model, num_classes, labels, c, betas, g, dev), os.path.join(out, 'samples.png'), nrow=per)
+    x = sample_as_configured(model, num_classes, labels, c, betas, g, dev)
+    save_grid(x, os.path.join(out, 'samples.png'), nrow=per)
     shape = (4, 3, c['image_size'], c['image_size'])
     z0, z1 = torch.randn(shape, generator=g, device=dev), torch.randn(shape, generator=g, device=dev)
-    a = torch.linspace(0, 1, 9, device=dev)
-    x_T = torch.stack([slerp(z0, z1, ai) for ai in a], 1).flatten(0, 1)  # (4 * 9, 3, S, S): a row per pair
+    x_T = torch.stack([slerp(z0, z1, a) for a in torch.linspace(0, 1, 9, device=dev)], 1).flatten(0, 1)  # a row a pair
     y = balanced_labels(4, num_classes).repeat_interleave(9)
-    ddim = dict(c, sampler='ddim', eta=0.0, sample_steps=c['sample_steps'] or 50)
-    save_grid(sample_as_configured(model, num_classes, y, ddim, betas, g, dev, x_T), os.path.join(out, 'interpolation.png'),
-              nrow=9)
+    x = sample_as_configured(model, num_classes, y, c, betas, g, dev, x_T, method='ddim', eta=0.0,
+                             steps=c['sample_steps'] or 50)
+    save_grid(x, os.path.join(out, 'interpolation.png'), nrow=9)
     for name, points, ylabel in (('loss.png', curve, 'loss'), ('fid.png', fids, 'FID')):
         if points:
             fig, ax = plt.subplots(figsize=(5, 3))
@@ -753,6 +761,25 @@ def figures(c, model, num_classes, betas, dev, out, curve, fids):
             fig.tight_layout()
             fig.savefig(os.path.join(out, name), dpi=80)
             plt.close(fig)
+
+
+def write_samples(c, dev):
+    """--sample-only: n_samples from the checkpoint's EMA weights (labels cycling through the classes) to
+    samples.npz (uint8 N x H x W x 3, and labels) and the first 100 to samples_only.png."""
+    ckpt = load_checkpoint(os.path.join(c['out_dir'], 'ckpt.pt'), c)
+    classes, betas = ckpt['classes'], make_betas(c)
+    if not classes and c['cfg_given'] and c['cfg'] != 1:
+        raise SystemExit('ddpm_cifar.py: this checkpoint is unconditional (no classes); drop --cfg')
+    model = make_model(c, len(classes)).to(dev)
+    model.load_state_dict(ckpt['ema'])
+    labels, g = balanced_labels(c['n_samples'], len(classes)), torch.Generator(dev).manual_seed(c['seed'])
+    x = torch.cat([sample_as_configured(model.eval(), len(classes), y, c, betas, g, dev) for y in labels.split(500)])
+    np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x), **({'labels': labels.numpy()} if classes
+                                                                               else {}))
+    save_grid(x[:100], os.path.join(c['out_dir'], 'samples_only.png'), nrow=10)
+    print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x H x W x 3"
+          f"{', labels' if classes else ''}) and samples_only.png")
+    return model, len(classes), betas, ckpt['step']
 
 
 def main(argv=None):
@@ -767,10 +794,10 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = dev.type == 'cuda'  # the fastest convolution algorithms for these shapes
     if c['batch_size'] % world:
         raise SystemExit(f"ddpm_cifar.py: --batch-size {c['batch_size']} does not split across {world} processes")
-    if 'RANK' in os.environ:  # started by torchrun: a process group, even of one process
+    if 'RANK' in os.environ:  # started by torchrun: a process group, even of one process; rank 0 runs FID alone
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(hours=2))  # rank 0 runs FID alone
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(hours=2))
     os.makedirs(c['out_dir'], exist_ok=True)
     if rank == 0:
         with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
@@ -778,34 +805,17 @@ def main(argv=None):
         shutil.copy(__file__, c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     try:
-        extract = stats = None
         if c['sample_only']:
-            ckpt = load_checkpoint(os.path.join(c['out_dir'], 'ckpt.pt'), c)
-            classes, betas, step = ckpt['classes'], make_betas(c), ckpt['step']
-            num_classes = len(classes)
-            if not classes and c['cfg_given'] and c['cfg'] != 1:
-                raise SystemExit('ddpm_cifar.py: this checkpoint is unconditional (no classes); drop --cfg')
-            if c['fid']:  # before sampling: a missing package fails at once
-                extract = make_inception(c, dev)
-                stats = reference_stats(c, extract, load_data(c)[0])
-            model = make_model(c, num_classes).to(dev)
-            model.load_state_dict(ckpt['ema'])
-            model.eval()
-            labels = balanced_labels(c['n_samples'], num_classes)
-            g = torch.Generator(dev).manual_seed(c['seed'])
-            x = torch.cat([sample_as_configured(model, num_classes, y, c, betas, g, dev) for y in labels.split(500)])
-            extra = {'labels': labels.numpy()} if classes else {}
-            np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x), **extra)
-            save_grid(x[:100], os.path.join(c['out_dir'], 'samples_only.png'), nrow=10)
-            print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x H x W x 3"
-                  f"{', labels' if classes else ''}) and samples_only.png")
+            extract = make_inception(c, dev) if c['fid'] else None  # before sampling: a missing package fails at once
+            stats = reference_stats(c, extract, load_data(c)[0]) if extract else None
+            model, num_classes, betas, step = write_samples(c, dev)
         else:
             model, num_classes, betas, step, curve, fids, extract, stats = train(c, dev, c['out_dir'], rank, world)
             if rank == 0:
                 figures(c, model, num_classes, betas, dev, c['out_dir'], curve, fids)
         if c['dataset'] == 'shapes' and rank == 0:
             shapes_hit_rates(c, model, num_classes, betas, dev)
-        if c['fid'] and rank == 0 and (c['sample_only'] or not c['fid_every']):  # --fid-every scored the last step already
+        if c['fid'] and rank == 0 and (c['sample_only'] or not c['fid_every']):  # else the last step is scored
             fid, isc, sec = fid_and_is(c, model, num_classes, betas, extract, stats, dev)
             print(f"eval | step {step} | fid {fid:.2f} | is {isc:.2f} | {c['fid']} samples, cfg {c['cfg']}, {sec:.0f}s")
     finally:
