@@ -108,6 +108,7 @@ def check_config(c):
         (0 <= c['trajectories'] <= c['samples'], '--trajectories must be in [0, --samples]'),
         (c['train_steps'] >= 1 and c['batch_size'] >= 1 and c['hidden'] >= 1 and c['log_every'] >= 1,
          '--train-steps, --batch-size, --hidden and --log-every must be >= 1'),
+        (c['lr'] > 0 and math.isfinite(c['lr']), f"--lr must be a finite number > 0, got {c['lr']}"),
     ] if not ok]
     if bad:
         raise SystemExit('ddpm_1d.py: ' + '; '.join(bad))

@@ -78,6 +78,7 @@ device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cud
 dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': autocast; auto = bfloat16 on CUDA
 compile = False               # torch.compile the training model
 resume = False                # continue from out_dir/ckpt.pt
+overwrite = False             # start over in an out_dir that holds a checkpoint (replaced at the first save)
 sample_only = False           # load out_dir/ckpt.pt (EMA weights) and write n_samples to samples.npz
 max_steps = 0                 # stop after this many steps (the lr schedule keeps its full length); 0 = all
 save_every = 1000             # steps between checkpoints
@@ -147,7 +148,8 @@ def check_config(c):
         (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1
               and c['grad_clip'] >= 0), 'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, '
                                         '--grad-clip >= 0'),
-        (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
+        (c['resume'] + c['sample_only'] + c['overwrite'] > 1, '--resume, --sample-only, --overwrite: pick one'),
+        (not math.isfinite(c['cfg'] + c['lr'] + c['eta'] + c['ema']), '--cfg, --lr, --eta and --ema must be finite'),
     ]
     for bad, why in problems:
         if bad:
@@ -373,7 +375,7 @@ def to_uint8(x):
 def save_grid(x, path, nrow):
     """(N, 3, S, S) in [-1, 1] -> one PNG, nrow images per row, 1-pixel white gaps."""
     from torchvision.utils import save_image
-    save_image((x + 1) / 2, path, nrow=nrow, padding=1, pad_value=1)
+    write_whole(path, lambda tmp: save_image((x + 1) / 2, tmp, nrow=nrow, padding=1, pad_value=1))
 
 
 # ---- evaluation ----
@@ -425,8 +427,7 @@ def reference_stats(c, extract, ds):
             return torch.from_numpy(f['mu']), torch.from_numpy(f['cov'])
     f = features(extract, torch.stack([ds[i][0] for i in range(len(ds))]))[0]
     mu, cov = f.mean(0), torch.cov(f.T)
-    np.savez(path + '.tmp.npz', mu=mu.numpy(), cov=cov.numpy(), n=len(f))
-    os.replace(path + '.tmp.npz', path)
+    write_whole(path, lambda tmp: np.savez(tmp, mu=mu.numpy(), cov=cov.numpy(), n=len(f)))
     return mu, cov
 
 
@@ -470,8 +471,15 @@ class FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image, ImageOps
         path, label = self.items[i]
-        img = ImageOps.fit(Image.open(path).convert('RGB'), (self.size, self.size), Image.BICUBIC)
+        try:
+            img = ImageOps.fit(Image.open(path).convert('RGB'), (self.size, self.size), Image.BICUBIC)
+        except Exception as e:  # a truncated or corrupt file, found when its batch comes up
+            raise BadImage(f'{path} cannot be decoded ({type(e).__name__}: {str(e)[:80]})') from None
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
+
+
+class BadImage(Exception):
+    pass
 
 
 def make_shapes(n, size, seed):
@@ -502,6 +510,13 @@ def load_data(c):
             raise SystemExit(f'ddpm_cifar.py: no images ({", ".join(FolderImages.EXTS)}) in {root} or its '
                              'sub-folders; pass --data-dir, with one sub-folder per class for a conditional model')
         ds.items = ds.items[:n]
+        from PIL import Image
+        for path, _ in ds.items:  # headers before training (0.02 ms a file here); pixels when their batch comes up
+            try:
+                Image.open(path).close()
+            except Exception as e:
+                raise SystemExit(f'ddpm_cifar.py: {path} is not an image ({type(e).__name__}); remove it or fix it '
+                                 'and run again') from None
         return ds, ds.classes
     from torchvision.datasets import CIFAR10
     try:
@@ -567,10 +582,60 @@ def load_checkpoint(path, c):
 
 def save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids):
     """Written whole to a temporary file, then renamed over the last one: a kill mid-save keeps that one."""
-    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
-                'scaler': scaler.state_dict(), 'step': step, 'config': c, 'classes': classes, 'fid': fids,
-                'script': 'ddpm_cifar.py'}, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save({
+        'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+        'scaler': scaler.state_dict(), 'step': step, 'config': c, 'classes': classes, 'fid': fids,
+        'script': 'ddpm_cifar.py'}, tmp))
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
+    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
+    with one line saying why and how much space is free."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f'ddpm_cifar.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
+                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
+                         ) from None
+
+
+def last_checkpoint(path):
+    """What a stopped run leaves: the step of the checkpoint at path, which holds only finite numbers (every
+    save checks the weights), or that none was saved."""
+    if not os.path.exists(path):
+        return f'no checkpoint was saved ({path} does not exist)'
+    step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    return f'the last good checkpoint, step {step}, is kept: {path}'
+
+
+def prepare_out_dir(c):
+    """The run's folder, created; refused before anything is written there if it holds a checkpoint that a run
+    without --resume would replace."""
+    path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if os.path.exists(path) and not (c['resume'] or c['sample_only'] or c['overwrite']):
+        raise SystemExit(f'ddpm_cifar.py: {path} holds a run; continue it with --resume true, or start over '
+                         'with --overwrite true or another --out-dir')
+    try:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"ddpm_cifar.py: cannot make --out-dir {c['out_dir']} ({e.strerror})") from None
+
+
+def write_run_files(c):
+    """config.json and a copy of this script, once the run is accepted (the checkpoint and data checked)."""
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
+    copy = os.path.join(c['out_dir'], os.path.basename(__file__))
+    write_whole(copy, lambda tmp: shutil.copy(__file__, tmp))
 
 
 def catch_stop_signals():
@@ -631,6 +696,8 @@ def train(c, dev, out, rank, world):
         raise SystemExit(f"ddpm_cifar.py: {path} was trained on {len(ckpt['classes'])} classes, the data has "
                          f'{len(classes)}')
     extract = make_inception(c, dev) if c['fid'] and rank == 0 else None
+    if rank == 0:
+        write_run_files(c)
     betas = make_betas(c)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
     torch.manual_seed(c['seed'])
@@ -666,9 +733,10 @@ def train(c, dev, out, rank, world):
     g = torch.Generator(dev)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     losses, curve, t_win, s_win = [], [], time.time(), step
+    data = iter(batches(ds, c, dev, rank, world, step, stop, steps_per_epoch))
     caught, restore_signals = catch_stop_signals()
     try:
-        for x, y in batches(ds, c, dev, rank, world, step, stop, steps_per_epoch):
+        for x, y in data:
             # noise draw: this step's t, noise, flips and label drops for the global batch; this rank's rows
             g.manual_seed(c['seed'] * 1_000_003 + step)
             t = torch.randint(0, len(betas), (B,), generator=g, device=dev)[rank::world]
@@ -702,13 +770,18 @@ def train(c, dev, out, rank, world):
             log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
             if not (log or save or (caught and world == 1)):
                 continue
-            both = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bool(caught)), device=dev)])
-            if world > 1:  # the ranks agree on the loss and on stopping
-                dist.all_reduce(both)
-            mean, stopping = (both / world).tolist()
-            if not math.isfinite(mean):
-                raise SystemExit(f'ddpm_cifar.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last '
-                                 f'good checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            # the loss finite, and at a save the weights' norm (so no checkpoint holds inf, nan or overflowing
+            # weights); the ranks agree on both and on stopping
+            zero = torch.zeros((), device=dev)
+            norm = torch.stack(torch._foreach_norm(params)).sum() if save or caught else zero
+            flags = torch.stack([torch.stack(losses).mean(), norm, zero + bool(caught)])
+            if world > 1:
+                dist.all_reduce(flags)
+            mean, norm, stopping = (flags / world).tolist()
+            if not math.isfinite(mean + norm):
+                what = f'loss is {mean}' if not math.isfinite(mean) else f"the weights' norm is {norm}"
+                raise SystemExit(f'ddpm_cifar.py: {what} in steps {step - len(losses) + 1}-{step}; '
+                                 f'{last_checkpoint(path)}; try a lower --lr or --dtype float32')
             if log:
                 curve.append((step, mean))
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
@@ -730,8 +803,14 @@ def train(c, dev, out, rank, world):
                 raise SystemExit(f'ddpm_cifar.py: interrupted at step {step} ({why}); saved {path}; '
                                  'continue with --resume true')
             t_win = time.time() if log else t_win + time.time() - t_pause
+    except BadImage as e:  # at a step boundary: the steps so far are whole
+        if rank == 0:
+            save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
+        raise SystemExit(f'ddpm_cifar.py: {str(e).splitlines()[-1]} at step {step}; saved {path}; remove or '
+                         'replace the file and continue with --resume true') from None
     finally:
         restore_signals()
+        getattr(data, '_shutdown_workers', lambda: None)()  # a loader's workers end with the run, however it ends
     return ema.eval(), len(classes), betas, step, curve, fids, extract, stats
 
 
@@ -759,7 +838,7 @@ def figures(c, model, num_classes, betas, dev, out, curve, fids):
             ax.plot(*zip(*points), marker='o' if name == 'fid.png' else None)
             ax.set(xlabel='step', ylabel=ylabel, yscale='log')
             fig.tight_layout()
-            fig.savefig(os.path.join(out, name), dpi=80)
+            write_whole(os.path.join(out, name), lambda tmp: fig.savefig(tmp, dpi=80))
             plt.close(fig)
 
 
@@ -774,8 +853,8 @@ def write_samples(c, dev):
     model.load_state_dict(ckpt['ema'])
     labels, g = balanced_labels(c['n_samples'], len(classes)), torch.Generator(dev).manual_seed(c['seed'])
     x = torch.cat([sample_as_configured(model.eval(), len(classes), y, c, betas, g, dev) for y in labels.split(500)])
-    np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x), **({'labels': labels.numpy()} if classes
-                                                                               else {}))
+    extra = {'labels': labels.numpy()} if classes else {}
+    write_whole(os.path.join(c['out_dir'], 'samples.npz'), lambda tmp: np.savez(tmp, images=to_uint8(x), **extra))
     save_grid(x[:100], os.path.join(c['out_dir'], 'samples_only.png'), nrow=10)
     print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x H x W x 3"
           f"{', labels' if classes else ''}) and samples_only.png")
@@ -798,11 +877,8 @@ def main(argv=None):
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(hours=2))
-    os.makedirs(c['out_dir'], exist_ok=True)
+    prepare_out_dir(c)  # nothing is written before the checkpoint and the data are checked
     if rank == 0:
-        with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        shutil.copy(__file__, c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     try:
         if c['sample_only']:
@@ -818,6 +894,9 @@ def main(argv=None):
         if c['fid'] and rank == 0 and (c['sample_only'] or not c['fid_every']):  # else the last step is scored
             fid, isc, sec = fid_and_is(c, model, num_classes, betas, extract, stats, dev)
             print(f"eval | step {step} | fid {fid:.2f} | is {isc:.2f} | {c['fid']} samples, cfg {c['cfg']}, {sec:.0f}s")
+    except KeyboardInterrupt:  # Ctrl-C while sampling or drawing (training saved its checkpoint)
+        raise SystemExit(f"ddpm_cifar.py: interrupted after training; {c['out_dir']}/ckpt.pt is saved"
+                         ) from None
     finally:
         if dist.is_initialized():
             dist.barrier()

@@ -81,6 +81,7 @@ device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cud
 dtype = 'float32'             # 'float32' | 'bfloat16' | 'float16': autocast for training (float16 needs CUDA)
 compile = False               # torch.compile the training model
 resume = False                # continue from out_dir/ckpt.pt
+overwrite = False             # start over in an out_dir that holds a checkpoint (replaced at the first save)
 sample_only = False           # load out_dir/ckpt.pt (EMA weights), write samples.npz and samples.png
 max_steps = 0                 # stop (saving) after this many steps in total; 0 = all epochs
 save_every = 500              # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
@@ -138,7 +139,7 @@ def check_config(c):
         (c['eval_samples'] < 20, '--eval-samples must be at least 20 (a histogram of 10 classes)'),
         (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1 and c['grad_clip'] >= 0),
          'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, --grad-clip >= 0'),
-        (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
+        (c['resume'] + c['sample_only'] + c['overwrite'] > 1, '--resume, --sample-only, --overwrite: pick one'),
     ]
     for bad, why in problems:
         if bad:
@@ -439,8 +440,7 @@ def get_classifier(c, dev, path):
     xt, yt = load_mnist(c['data_dir'], train=False)
     acc = (judge(net.eval(), xt, dev)[1].argmax(1) == yt).float().mean().item()
     print(f'eval | classifier trained ({epochs} epochs): test accuracy {acc:.2%} | saved to {path}')
-    torch.save(net.state_dict(), path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save(net.state_dict(), tmp))
     return net
 
 
@@ -538,10 +538,59 @@ def load_checkpoint(path, c):
 
 def save_checkpoint(path, model, ema, opt, scaler, step, epoch, c):
     """Written whole to a temporary file, then renamed over the last one: a kill mid-save keeps that one."""
-    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
-                'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'config': c, 'script': 'ddpm_mnist.py'},
-               path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save({
+        'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+        'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'config': c, 'script': 'ddpm_mnist.py'}, tmp))
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
+    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
+    with one line saying why and how much space is free."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f'ddpm_mnist.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
+                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
+                         ) from None
+
+
+def last_checkpoint(path):
+    """What a stopped run leaves: the step of the checkpoint at path, which holds only finite numbers (every
+    save checks the weights), or that none was saved."""
+    if not os.path.exists(path):
+        return f'no checkpoint was saved ({path} does not exist)'
+    step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    return f'the last good checkpoint, step {step}, is kept: {path}'
+
+
+def prepare_out_dir(c):
+    """The run's folder, created; refused before anything is written there if it holds a checkpoint that a run
+    without --resume would replace."""
+    path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if os.path.exists(path) and not (c['resume'] or c['sample_only'] or c['overwrite']):
+        raise SystemExit(f'ddpm_mnist.py: {path} holds a run; continue it with --resume true, or start over '
+                         'with --overwrite true or another --out-dir')
+    try:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"ddpm_mnist.py: cannot make --out-dir {c['out_dir']} ({e.strerror})") from None
+
+
+def write_run_files(c):
+    """config.json and a copy of this script, once the run is accepted (the checkpoint and data checked)."""
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
+    copy = os.path.join(c['out_dir'], os.path.basename(__file__))
+    write_whole(copy, lambda tmp: shutil.copy(__file__, tmp))
 
 
 def catch_stop_signals():
@@ -570,6 +619,8 @@ def train(c, dev, out, rank, world):
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
     x_all, _ = load_mnist(c['data_dir'])
     x_all = on_device(x_all[:c['train_images'] or None], dev)
+    if rank == 0:
+        write_run_files(c)
     betas = make_betas(c)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
     torch.manual_seed(c['seed'])
@@ -645,13 +696,18 @@ def train(c, dev, out, rank, world):
             log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
             if not (log or save or (caught and world == 1)):
                 continue
-            both = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bool(caught)), device=dev)])
-            if world > 1:  # the ranks agree on the loss and on stopping
-                dist.all_reduce(both)
-            mean, stopping = (both / world).tolist()
-            if not math.isfinite(mean):
-                raise SystemExit(f'ddpm_mnist.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last good '
-                                 f'checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            # the loss finite, and at a save the weights' norm (so no checkpoint holds inf, nan or overflowing
+            # weights); the ranks agree on both and on stopping
+            zero = torch.zeros((), device=dev)
+            norm = torch.stack(torch._foreach_norm(params)).sum() if save or caught else zero
+            flags = torch.stack([torch.stack(losses).mean(), norm, zero + bool(caught)])
+            if world > 1:
+                dist.all_reduce(flags)
+            mean, norm, stopping = (flags / world).tolist()
+            if not math.isfinite(mean + norm):
+                what = f'loss is {mean}' if not math.isfinite(mean) else f"the weights' norm is {norm}"
+                raise SystemExit(f'ddpm_mnist.py: {what} in steps {step - len(losses) + 1}-{step}; '
+                                 f'{last_checkpoint(path)}; try a lower --lr or --dtype float32')
             if log:
                 curve.append((step, mean))
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves left out
@@ -680,7 +736,7 @@ def save_grid(x, path, nrow=10):
     grid = np.zeros((rows * 30, nrow * 30), np.uint8)
     for i, im in enumerate(imgs):
         grid[i // nrow * 30 + 1:i // nrow * 30 + 29, i % nrow * 30 + 1:i % nrow * 30 + 29] = im
-    plt.imsave(path, grid, cmap='gray', vmin=0, vmax=255)
+    write_whole(path, lambda tmp: plt.imsave(tmp, grid, cmap='gray', vmin=0, vmax=255))
 
 
 def figures(c, model, betas, dev, out, curve):
@@ -700,7 +756,7 @@ def figures(c, model, betas, dev, out, curve):
         ax.plot(*zip(*curve))
         ax.set(xlabel='step', ylabel='loss', yscale='log', title=f"mean of {c['log_every']} steps")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, 'loss.png'), dpi=80)
+        write_whole(os.path.join(out, 'loss.png'), lambda tmp: fig.savefig(tmp, dpi=80))
         plt.close(fig)
 
 
@@ -718,11 +774,8 @@ def main(argv=None):
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    os.makedirs(c['out_dir'], exist_ok=True)
+    prepare_out_dir(c)  # nothing is written before the checkpoint and the data are checked
     if rank == 0:
-        with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        shutil.copy(__file__, c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     try:
         if c['sample_only']:
@@ -730,7 +783,7 @@ def main(argv=None):
             model, betas, curve = make_model(c).to(dev), make_betas(c), []
             model.load_state_dict(ckpt['ema'])
             x = sample_as_configured(model.eval(), c['n_samples'], c, betas, torch.Generator(dev).manual_seed(c['seed']), dev)
-            np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=to_uint8(x))
+            write_whole(os.path.join(c['out_dir'], 'samples.npz'), lambda tmp: np.savez(tmp, images=to_uint8(x)))
             save_grid(x[:100], os.path.join(c['out_dir'], 'samples.png'))
             print(f"wrote {len(x)} samples to {c['out_dir']}/samples.npz (images: uint8, N x 28 x 28) and samples.png")
         else:
@@ -739,6 +792,9 @@ def main(argv=None):
                 figures(c, model.eval(), betas, dev, c['out_dir'], curve)
         if c['eval'] and rank == 0:
             evaluate(c, model.eval(), betas, dev, c['out_dir'])
+    except KeyboardInterrupt:  # Ctrl-C while sampling, drawing or evaluating (training saved its checkpoint)
+        raise SystemExit(f"ddpm_mnist.py: interrupted after training; {c['out_dir']}/ckpt.pt is saved"
+                         ) from None
     finally:
         if dist.is_initialized():
             dist.barrier()

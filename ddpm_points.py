@@ -131,6 +131,7 @@ def check_config(c):
          '--sample-steps needs --sampler ddim (DDPM runs all T steps)'),
         (not 0 <= c['sample_steps'] <= c['timesteps'], f"--sample-steps must be 0..{c['timesteps']} (the timesteps)"),
         (min(c['points'], c['epochs'], c['batch_size']) < 0, '--points, --epochs and --batch-size are counts, 0 = default'),
+        (min(c['hidden'], c['log_every']) < 1, '--hidden and --log-every must be at least 1'),
         (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and c['clip_x0'] >= 0),
          'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, --clip-x0 >= 0'),
         (c['eval_points'] < 2 or c['eval_repeats'] < 2 or c['eval_stars'] < 2,

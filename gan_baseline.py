@@ -88,6 +88,7 @@ device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cud
 dtype = 'float32'             # 'float32' | 'bfloat16' | 'float16': autocast for training (float16 needs CUDA)
 compile = False               # torch.compile G and D for training
 resume = False                # continue from out_dir/ckpt.pt
+overwrite = False             # start over in an out_dir that holds a checkpoint (replaced at the first save)
 sample_only = False           # load out_dir/ckpt.pt, write samples.npz and samples.png
 max_steps = 0                 # stop (saving) after this many D steps in total; 0 = all epochs
 save_every = 1000             # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
@@ -148,7 +149,7 @@ def check_config(c):
         (c['fid'] and toy, '--fid scores images; the toy datasets count modes instead'),
         (not (c['lr'] > 0 and c['gp_lambda'] >= 0 and 0 <= c['ema'] < 1 and 0 <= c['beta1'] < 1 and 0 < c['beta2'] < 1),
          'need --lr > 0, --gp-lambda >= 0, 0 <= --ema < 1, 0 <= --beta1 < 1, 0 < --beta2 < 1'),
-        (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
+        (c['resume'] + c['sample_only'] + c['overwrite'] > 1, '--resume, --sample-only, --overwrite: pick one'),
     ]
     for bad, why in problems:
         if bad:
@@ -409,8 +410,7 @@ def get_classifier(c, dev, path):
     xt, yt = load_images(c, train=False)
     acc = (judge(net.eval(), xt, dev)[1].argmax(1) == yt).float().mean().item()
     print(f'eval | classifier trained ({epochs} epochs): test accuracy {acc:.2%} | saved to {path}')
-    torch.save(net.state_dict(), path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save(net.state_dict(), tmp))
     return net
 
 
@@ -540,9 +540,58 @@ def load_checkpoint(path, c):
 def save_checkpoint(path, state, step, c, evals):
     """state: G, D, ema, opt_g, opt_d, scaler_g, scaler_d. Written whole to a temporary file, then renamed over the last
     one: a kill mid-save keeps that one."""
-    torch.save({**{k: v.state_dict() for k, v in state.items()}, 'step': step, 'config': c, 'evals': evals,
-                'script': 'gan_baseline.py'}, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save({**{k: v.state_dict() for k, v in state.items()}, 'step': step,
+                                              'config': c, 'evals': evals, 'script': 'gan_baseline.py'}, tmp))
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
+    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
+    with one line saying why and how much space is free."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f'gan_baseline.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
+                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
+                         ) from None
+
+
+def last_checkpoint(path):
+    """What a stopped run leaves: the step of the checkpoint at path, which holds only finite numbers (every
+    save checks the weights), or that none was saved."""
+    if not os.path.exists(path):
+        return f'no checkpoint was saved ({path} does not exist)'
+    step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    return f'the last good checkpoint, step {step}, is kept: {path}'
+
+
+def prepare_out_dir(c):
+    """The run's folder, created; refused before anything is written there if it holds a checkpoint that a run
+    without --resume would replace."""
+    path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if os.path.exists(path) and not (c['resume'] or c['sample_only'] or c['overwrite']):
+        raise SystemExit(f'gan_baseline.py: {path} holds a run; continue it with --resume true, or start over '
+                         'with --overwrite true or another --out-dir')
+    try:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"gan_baseline.py: cannot make --out-dir {c['out_dir']} ({e.strerror})") from None
+
+
+def write_run_files(c):
+    """config.json and a copy of this script, once the run is accepted (the checkpoint and data checked)."""
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
+    copy = os.path.join(c['out_dir'], os.path.basename(__file__))
+    write_whole(copy, lambda tmp: shutil.copy(__file__, tmp))
 
 
 def all_reduce_grads(model, world):
@@ -581,6 +630,8 @@ def train(c, dev, out, rank, world, extract):
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
     data = load_data(c)
+    if rank == 0:
+        write_run_files(c)
     torch.manual_seed(c['seed'])
     layout = torch.channels_last if dev.type == 'cuda' and c['dataset'] not in TOYS else torch.contiguous_format
     G, D = (m.to(dev, memory_format=layout) for m in make_models(c))
@@ -634,6 +685,7 @@ def train(c, dev, out, rank, world, extract):
         all_reduce_grads(model, world)
         scaler.step(opt)
         scaler.update()
+    d_params = list(D.parameters())
     g_params, ema_params, g_buffers, ema_buffers = (list(f()) for f in (G.parameters, ema.parameters, G.buffers,
                                                                          ema.buffers))
     logs, t_win, s_win = [], time.time(), step
@@ -679,15 +731,20 @@ def train(c, dev, out, rank, world, extract):
             evaluate = (every and step % every == 0) or step == stop
             if not (log or save or evaluate or (caught and world == 1)):
                 continue
-            sums = torch.cat([torch.stack(logs).sum(0), torch.tensor([float(bool(caught))], device=dev)])
-            if world > 1:  # the ranks agree on the losses and on stopping
+            # the losses finite, and at a save the weights' norm (so no checkpoint holds inf, nan or overflowing
+            # weights); the ranks agree on both and on stopping
+            zero = torch.zeros((), device=dev)
+            norm = torch.stack(torch._foreach_norm(g_params + d_params)).sum() if save or caught else zero
+            sums = torch.cat([torch.stack(logs).sum(0), torch.stack([norm, zero + bool(caught)])])
+            if world > 1:
                 dist.all_reduce(sums)
-            d_sum, g_sum, gp_sum, g_steps, n, stopping = sums.tolist()
+            d_sum, g_sum, gp_sum, g_steps, n, norm, stopping = sums.tolist()
             skipped = len(logs) * world - n
-            if not math.isfinite(d_sum + g_sum + gp_sum) or (skipped and scaler_d.get_scale() < 2 ** -8):
-                raise SystemExit(f"gan_baseline.py: a loss is {d_sum + g_sum + gp_sum if n else 'nan'} in steps "
-                                 f'{step - len(logs) + 1}-{step}; the last good checkpoint {path} is kept; try a lower '
-                                 '--lr or --dtype float32')
+            if not math.isfinite(d_sum + g_sum + gp_sum + norm) or (skipped and scaler_d.get_scale() < 2 ** -8):
+                what = (f"the weights' norm is {norm}" if math.isfinite(d_sum + g_sum + gp_sum) and n
+                        else f"a loss is {d_sum + g_sum + gp_sum if n else 'nan'}")
+                raise SystemExit(f'gan_baseline.py: {what} in steps {step - len(logs) + 1}-{step}; '
+                                 f'{last_checkpoint(path)}; try a lower --lr or --dtype float32')
             if log:
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves and evals left out
                 if rank == 0:
@@ -699,7 +756,7 @@ def train(c, dev, out, rank, world, extract):
                           f"eta {ms * (stop - step) / 6e4:.1f}m", flush=True)
                 logs, s_win = [], step
             t_pause = time.time()
-            if rank == 0 and evaluate:
+            if rank == 0 and evaluate and (c['dataset'] in TOYS + ('mnist',) or c['fid']):  # else nothing to measure
                 m = evaluator(ema.eval() if c['ema'] else G.eval())
                 G.train()
                 evals.append([step, step / steps_per_epoch, m])
@@ -726,7 +783,7 @@ def save_grid(images, path, nrow=10):
     for i, im in enumerate(imgs):
         r, col = divmod(i, nrow)
         grid[r * (S + 2) + 1:r * (S + 2) + 1 + S, col * (S + 2) + 1:col * (S + 2) + 1 + S] = im
-    plt.imsave(path, grid)
+    write_whole(path, lambda tmp: plt.imsave(tmp, grid))
 
 
 def figures(c, G, dev, out, evals):
@@ -744,7 +801,7 @@ def figures(c, G, dev, out, evals):
         ax.scatter(*centres.T, s=20, c='r', marker='x', label='modes')
         ax.set(aspect='equal', title=f"{c['dataset']}, {c['loss']}")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, 'samples.png'), dpi=100)
+        write_whole(os.path.join(out, 'samples.png'), lambda tmp: fig.savefig(tmp, dpi=100))
         plt.close(fig)
     else:
         save_grid(to_uint8(x[:100], c['dataset']), os.path.join(out, 'samples.png'))
@@ -756,15 +813,15 @@ def figures(c, G, dev, out, evals):
         z = torch.stack([lin, sph], 1).flatten(0, 2)  # rows: pair 1 linear, pair 1 slerp, pair 2 linear, ...
         with torch.no_grad():
             save_grid(to_uint8(G(z).float().cpu(), c['dataset']), os.path.join(out, 'interpolation.png'))
-    if evals:
-        keys = [k for k in ('modes', 'near', 'fid', 'frechet', 'confident') if k in evals[-1][2]]
+    keys = [k for k in ('modes', 'near', 'fid', 'frechet', 'confident') if evals and k in evals[-1][2]]
+    if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for ax, k in zip(axes[0], keys):
             ax.plot([e[1] for e in evals], [e[2][k] for e in evals], marker='o')
             ax.set(xlabel='epoch', ylabel={'near': 'share within 3 std', 'frechet': 'judge frechet',
                                            'confident': 'confident share', 'fid': 'FID'}.get(k, k))
         fig.tight_layout()
-        fig.savefig(os.path.join(out, 'fid.png'), dpi=80)
+        write_whole(os.path.join(out, 'fid.png'), lambda tmp: fig.savefig(tmp, dpi=80))
         plt.close(fig)
 
 
@@ -782,11 +839,8 @@ def main(argv=None):
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    os.makedirs(c['out_dir'], exist_ok=True)
+    prepare_out_dir(c)  # nothing is written before the checkpoint and the data are checked
     if rank == 0:
-        with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        shutil.copy(__file__, c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     extract = make_inception(c, dev) if c['fid'] and rank == 0 else None  # a missing package fails before training
     try:
@@ -797,9 +851,9 @@ def main(argv=None):
             x = sample(G.eval(), c['n_samples'], c['z_dim'], torch.Generator(dev).manual_seed(c['seed']), dev)
             path = os.path.join(c['out_dir'], 'samples.npz')
             if c['dataset'] in TOYS:
-                np.savez(path, points=x.numpy())
+                write_whole(path, lambda tmp: np.savez(tmp, points=x.numpy()))
             else:
-                np.savez(path, images=to_uint8(x, c['dataset']).permute(0, 2, 3, 1).numpy())
+                write_whole(path, lambda tmp: np.savez(tmp, images=to_uint8(x, c['dataset']).permute(0, 2, 3, 1).numpy()))
             figures(c, G, dev, c['out_dir'], [])
             what = 'points: float32, N x 2' if c['dataset'] in TOYS else 'images: uint8, N x H x W x C'
             print(f'wrote {len(x)} samples to {path} ({what}) and samples.png')
@@ -810,6 +864,9 @@ def main(argv=None):
             G, evals = train(c, dev, c['out_dir'], rank, world, extract)
             if rank == 0:
                 figures(c, G, dev, c['out_dir'], evals)
+    except KeyboardInterrupt:  # Ctrl-C while sampling, drawing or evaluating (training saved its checkpoint)
+        raise SystemExit(f"gan_baseline.py: interrupted after training; {c['out_dir']}/ckpt.pt is saved"
+                         ) from None
     finally:
         if dist.is_initialized():
             dist.barrier()

@@ -91,6 +91,7 @@ device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cud
 dtype = 'float32'             # 'float32' | 'bfloat16' | 'float16': autocast for training (float16 needs CUDA)
 compile = False               # torch.compile the training model
 resume = False                # continue from out_dir/ckpt.pt
+overwrite = False             # start over in an out_dir that holds a checkpoint (replaced at the first save)
 sample_only = False           # load out_dir/ckpt.pt (EMA weights), write samples.npz and samples.png
 max_steps = 0                 # stop (saving) after this many steps in total; 0 = all epochs
 save_every = 500              # steps between checkpoints (also at the end, on Ctrl-C and on SIGTERM)
@@ -152,7 +153,7 @@ def check_config(c):
          "--eval-samplers takes a comma-separated list of em, em2, pc and ode"),
         (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and c['snr'] > 0 and c['ode_tol'] > 0 and 0 <= c['dropout'] < 1
               and c['grad_clip'] >= 0), 'need --lr, --snr, --ode-tol > 0, 0 <= --ema < 1, 0 <= --dropout < 1, --grad-clip >= 0'),
-        (c['resume'] and c['sample_only'], '--resume trains on; --sample-only samples; pick one'),
+        (c['resume'] + c['sample_only'] + c['overwrite'] > 1, '--resume, --sample-only, --overwrite: pick one'),
     ]
     for bad, why in problems:
         if bad:
@@ -509,8 +510,7 @@ def get_classifier(c, dev, path):
     xt, yt = load_images(c, train=False)
     acc = (judge(net.eval(), xt, dev)[1].argmax(1) == yt).float().mean().item()
     print(f'eval | classifier trained ({epochs} epochs): test accuracy {acc:.2%} | saved to {path}')
-    torch.save(net.state_dict(), path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save(net.state_dict(), tmp))
     return net
 
 
@@ -602,10 +602,59 @@ def load_checkpoint(path, c):
 
 def save_checkpoint(path, model, ema, opt, scaler, step, epoch, c):
     """Written whole to a temporary file, then renamed over the last one: a kill mid-save keeps that one."""
-    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
-                'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'config': c, 'script': 'score_sde.py'},
-               path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(path, lambda tmp: torch.save({
+        'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+        'scaler': scaler.state_dict(), 'step': step, 'epoch': epoch, 'config': c, 'script': 'score_sde.py'}, tmp))
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
+    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
+    with one line saying why and how much space is free."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f'score_sde.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
+                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
+                         ) from None
+
+
+def last_checkpoint(path):
+    """What a stopped run leaves: the step of the checkpoint at path, which holds only finite numbers (every
+    save checks the weights), or that none was saved."""
+    if not os.path.exists(path):
+        return f'no checkpoint was saved ({path} does not exist)'
+    step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    return f'the last good checkpoint, step {step}, is kept: {path}'
+
+
+def prepare_out_dir(c):
+    """The run's folder, created; refused before anything is written there if it holds a checkpoint that a run
+    without --resume would replace."""
+    path = os.path.join(c['out_dir'], 'ckpt.pt')
+    if os.path.exists(path) and not (c['resume'] or c['sample_only'] or c['overwrite']):
+        raise SystemExit(f'score_sde.py: {path} holds a run; continue it with --resume true, or start over '
+                         'with --overwrite true or another --out-dir')
+    try:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"score_sde.py: cannot make --out-dir {c['out_dir']} ({e.strerror})") from None
+
+
+def write_run_files(c):
+    """config.json and a copy of this script, once the run is accepted (the checkpoint and data checked)."""
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
+    copy = os.path.join(c['out_dir'], os.path.basename(__file__))
+    write_whole(copy, lambda tmp: shutil.copy(__file__, tmp))
 
 
 def catch_stop_signals():
@@ -632,6 +681,8 @@ def train(c, dev, out, rank, world):
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
     images = on_device(load_images(c)[0][:c['train_images'] or None], dev)
+    if rank == 0:
+        write_run_files(c)
     sde, (lo, hi) = make_sde(c), data_range(c)
     torch.manual_seed(c['seed'])
     layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format  # EMA in the model's layout
@@ -705,13 +756,18 @@ def train(c, dev, out, rank, world):
             log, save = step % c['log_every'] == 0 or step == stop, step % c['save_every'] == 0 or step == stop
             if not (log or save or (caught and world == 1)):
                 continue
-            both = torch.stack([torch.stack(losses).mean(), torch.tensor(float(bool(caught)), device=dev)])
-            if world > 1:  # the ranks agree on the loss and on stopping
-                dist.all_reduce(both)
-            mean, stopping = (both / world).tolist()
-            if not math.isfinite(mean):
-                raise SystemExit(f'score_sde.py: loss is {mean} in steps {step - len(losses) + 1}-{step}; the last good '
-                                 f'checkpoint {path} is kept; try a lower --lr or --dtype float32')
+            # the loss finite, and at a save the weights' norm (so no checkpoint holds inf, nan or overflowing
+            # weights); the ranks agree on both and on stopping
+            zero = torch.zeros((), device=dev)
+            norm = torch.stack(torch._foreach_norm(params)).sum() if save or caught else zero
+            flags = torch.stack([torch.stack(losses).mean(), norm, zero + bool(caught)])
+            if world > 1:
+                dist.all_reduce(flags)
+            mean, norm, stopping = (flags / world).tolist()
+            if not math.isfinite(mean + norm):
+                what = f'loss is {mean}' if not math.isfinite(mean) else f"the weights' norm is {norm}"
+                raise SystemExit(f'score_sde.py: {what} in steps {step - len(losses) + 1}-{step}; '
+                                 f'{last_checkpoint(path)}; try a lower --lr or --dtype float32')
             if log:
                 curve.append((step, mean))
                 ms = (time.time() - t_win) / (step - s_win) * 1e3  # this window's, saves left out
@@ -741,7 +797,7 @@ def save_grid(images, path, nrow=10):
     for i, im in enumerate(imgs):
         r, col = divmod(i, nrow)
         grid[r * (S + 2) + 1:r * (S + 2) + 1 + S, col * (S + 2) + 1:col * (S + 2) + 1 + S] = im
-    plt.imsave(path, grid)
+    write_whole(path, lambda tmp: plt.imsave(tmp, grid))
 
 
 def figures(c, model, dev, out, curve):
@@ -757,7 +813,7 @@ def figures(c, model, dev, out, curve):
         ax.plot(*zip(*curve))
         ax.set(xlabel='step', ylabel='loss', yscale='log', title=f"mean of {c['log_every']} steps")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, 'loss.png'), dpi=80)
+        write_whole(os.path.join(out, 'loss.png'), lambda tmp: fig.savefig(tmp, dpi=80))
         plt.close(fig)
 
 
@@ -775,11 +831,8 @@ def main(argv=None):
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    os.makedirs(c['out_dir'], exist_ok=True)
+    prepare_out_dir(c)  # nothing is written before the checkpoint and the data are checked
     if rank == 0:
-        with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        shutil.copy(__file__, c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     try:
         if c['sample_only']:
@@ -788,7 +841,8 @@ def main(argv=None):
             model.load_state_dict(ckpt['ema'])
             g, t0 = torch.Generator(dev).manual_seed(c['seed']), time.time()
             x, nfe = sample_with(score_model(model.eval(), make_sde(c)), make_sde(c), c['sampler'], c['n_samples'], c, g, dev)
-            np.savez(os.path.join(c['out_dir'], 'samples.npz'), images=x.permute(0, 2, 3, 1).numpy())
+            write_whole(os.path.join(c['out_dir'], 'samples.npz'),
+                        lambda tmp: np.savez(tmp, images=x.permute(0, 2, 3, 1).numpy()))
             save_grid(x[:100], os.path.join(c['out_dir'], 'samples.png'))
             print(f"wrote {len(x)} samples ({c['sampler']}, NFE {nfe} per batch, {time.time() - t0:.0f}s) to "
                   f"{c['out_dir']}/samples.npz (images: uint8, N x H x W x C) and samples.png")
@@ -798,6 +852,9 @@ def main(argv=None):
                 figures(c, model, dev, c['out_dir'], curve)
         if c['eval'] and rank == 0:
             evaluate(c, model.eval(), dev, c['out_dir'])
+    except KeyboardInterrupt:  # Ctrl-C while sampling, drawing or evaluating (training saved its checkpoint)
+        raise SystemExit(f"score_sde.py: interrupted after training; {c['out_dir']}/ckpt.pt is saved"
+                         ) from None
     finally:
         if dist.is_initialized():
             dist.barrier()

@@ -134,7 +134,7 @@ def check_stop_signal_saves(script, argv, ckpt, at_step, sig):
         err = err.read()
     assert total is not None, f'no progress line for step {at_step}: {err[-2000:]}'
     assert proc.returncode == 1 and 'interrupted at step' in err and sig.name in err and 'Traceback' not in err, err[-3000:]
-    assert at_step <= ckpt_step(ckpt) < total and not os.path.exists(str(ckpt) + '.tmp')
+    assert at_step <= ckpt_step(ckpt) < total and not [f for f in os.listdir(os.path.dirname(ckpt)) if '.tmp' in f]
 
 
 def check_resume_after_a_stop_is_exact(main, argv, out, parts, more=4):
@@ -175,3 +175,68 @@ def check_torchrun_matches_one_process(script, argv, out, port, steps):
     wa, wb = (torch.load(out / p / 'ckpt.pt', weights_only=True)['model'] for p in ('one', 'two'))
     for k in wa:
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-4, err_msg=k)
+
+
+def check_nothing_is_lost(main, argv, other_arch, monkeypatch):
+    """Issue 19's faults, on a finished tiny run (main(argv) into an empty --out-dir):
+    - a second run without --resume stops with one line (resume, or --overwrite true) and writes nothing;
+    - --resume with another architecture (other_arch flags) stops with one line and writes nothing;
+    - a checkpoint save that fails part-way (ENOSPC injected into torch.save) stops with one line naming the path,
+      removes its temporary file and keeps the last checkpoint byte for byte;
+    - Ctrl-C during a save (and again during the save it asks for) stops at the next step with that checkpoint;
+    - an out-dir that is a file stops with one line;
+    - divergence (--lr 1e30, a save every step) stops naming a checkpoint that exists and holds only finite numbers,
+      or saying that none was saved."""
+    import errno
+    out = argv[argv.index('--out-dir') + 1]
+    ckpt = os.path.join(out, 'ckpt.pt')
+    main(argv)
+    files = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out) if os.path.isfile(os.path.join(out, f))}
+    unchanged = lambda: {f: open(os.path.join(out, f), 'rb').read() for f in files} == files and set(os.listdir(out)) >= set(files)
+    for extra, says in (([], '--overwrite true'), (['--resume', 'true'] + other_arch, 'different model')):
+        with pytest.raises(SystemExit) as e:
+            main(argv + extra)
+        assert says in str(e.value) and '\n' not in str(e.value), str(e.value)
+        assert unchanged() and sorted(os.listdir(out)) == sorted(files), 'a refused run wrote into the out-dir'
+
+    def full_disk(obj, f, *a, **k):
+        with open(f, 'wb') as fh:
+            fh.write(b'\0' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(argv + ['--overwrite', 'true'])
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert f'could not write {ckpt}' in msg and 'No space left' in msg and 'MB free' in msg and '\n' not in msg, msg
+    assert open(ckpt, 'rb').read() == files['ckpt.pt'] and not [f for f in os.listdir(out) if '.tmp' in f]
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *a, **k):  # Ctrl-C in the middle of every save, the one it asks for included
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', interrupted_save)
+    with pytest.raises(SystemExit) as e:
+        main(argv + ['--overwrite', 'true', '--save-every', '2'])
+    monkeypatch.undo()
+    assert 'interrupted at step 3 (SIGINT)' in str(e.value) and ckpt_step(ckpt) == 3, str(e.value)
+    assert not [f for f in os.listdir(out) if '.tmp' in f]
+    with pytest.raises(SystemExit) as e:
+        main([a if a != out else os.path.join(out, 'ckpt.pt') for a in argv])  # an out-dir that is a file
+    assert 'cannot make --out-dir' in str(e.value) and '\n' not in str(e.value), str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(argv + ['--overwrite', 'true', '--lr', '1e30', '--save-every', '1', '--log-every', '1'])
+    msg = str(e.value)
+    m = re.search(r'last good checkpoint, step (\d+), is kept', msg)
+    assert m or 'no checkpoint was saved' in msg, msg
+    if m and os.path.exists(ckpt):
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved['step'] == int(m[1]) and all(t.isfinite().all() for t in tensors_in(saved)), msg
+
+
+def tensors_in(obj):
+    """Every floating-point tensor in a nested checkpoint (dicts, lists, tuples)."""
+    if torch.is_tensor(obj):
+        return [obj] if obj.is_floating_point() else []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in items for t in tensors_in(v)]

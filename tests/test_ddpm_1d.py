@@ -273,6 +273,8 @@ def test_main_mixture_exact_only(tmp_path, capsys):
     (['--mix-weight', '1'], '--mix-weight'),
     (['--data-std', '-1'], '--data-std'),
     (['--device', 'gpu0'], '--device'),
+    (['--lr', '-1'], '--lr must be a finite number > 0'),
+    (['--lr', 'nan'], '--lr must be a finite number > 0'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else []))
 def test_impossible_settings_exit_with_one_line(argv, says, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -17,6 +17,7 @@ import torch
 import torchvision.datasets.cifar
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_nothing_is_lost,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
     check_resume_after_a_stop_is_exact,
@@ -286,6 +287,36 @@ def test_train_resume_guide_interpolate_sample_only_fid(cifar, skip_md5, tmp_pat
     assert re.search(r'eval \| step 12 \| fid \d+\.\d+ \| is \d+\.\d+ \| 20 samples, cfg 2.0', out), out
 
 
+def test_nothing_is_lost(tmp_path, monkeypatch):
+    run = TINY + ['--dataset', 'shapes', '--image-size', '16', '--train-images', '64', '--max-steps', '4',
+                  '--out-dir', str(tmp_path)]
+    check_nothing_is_lost(d.main, run, ['--channels', '64'], monkeypatch)
+
+
+def test_a_corrupt_image_stops_before_training_or_saves_at_its_step(tmp_path, capsys):
+    """Not an image at all: found before training (headers are read up front). A truncated png (a valid header):
+    found when its batch comes up, after a checkpoint of the steps so far; --resume continues once it is replaced."""
+    root = write_folder(str(tmp_path / 'd'), n=16)
+    good = sorted(p for p in (tmp_path / 'd' / 'cat').iterdir() if p.suffix == '.png')
+    run = TINY + ['--dataset', 'folder', '--data-dir', root, '--image-size', '16', '--out-dir', str(tmp_path / 'o'),
+                  '--workers', '1', '--epochs', '3']
+    (tmp_path / 'd' / 'cat' / 'zz.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit) as e:
+        d.main(run)
+    assert 'zz.png is not an image' in str(e.value) and not (tmp_path / 'o' / 'ckpt.pt').exists()
+    data = good[0].read_bytes()
+    (tmp_path / 'd' / 'cat' / 'zz.png').write_bytes(data[:len(data) // 2])  # truncated: the header reads
+    with pytest.raises(SystemExit) as e:
+        d.main(run)
+    msg = str(e.value)
+    assert 'zz.png cannot be decoded' in msg and 'saved' in msg and '\n' not in msg, msg
+    step = torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['step']
+    assert f'at step {step};' in msg
+    (tmp_path / 'd' / 'cat' / 'zz.png').write_bytes(data)
+    d.main(run + ['--resume', 'true'])
+    assert 'step 6/6' in capsys.readouterr().out  # 33 images, batch 16: 2 steps an epoch
+
+
 class ConvNet(torch.nn.Module):
     """Another network under the contract make_model states: (x_t, t, y) -> eps, and nothing else."""
     def __init__(self, num_classes):
@@ -322,7 +353,7 @@ def test_unconditional_folder_run_refuses_cfg(tmp_path, capsys):
     d.main(run)  # the default --cfg is not applied to an unconditional model
     assert 'no classes' in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        d.main(run + ['--cfg', '3'])
+        d.main(run + ['--cfg', '3', '--overwrite', 'true'])
     assert 'unconditional; drop --cfg' in str(e.value)
     with pytest.raises(SystemExit) as e:
         d.main(run + ['--sample-only', 'true', '--cfg', '3'])
@@ -391,6 +422,8 @@ def test_guidance_steers_towards_the_requested_class(tmp_path, capsys):
     (['--image-size', '64'], 'CIFAR-10 is 32x32'),
     (['--channels', '48'], 'multiple of 32'),
     (['--p-uncond', '0'], 'train with --p-uncond > 0'),
+    (['--cfg', 'nan'], 'must be finite'),
+    (['--resume', 'true', '--overwrite', 'true'], 'pick one'),
     (['--fid-every', '5'], '--fid N'),
     (['--dtype', 'float16'], 'needs CUDA'),
     (['--resume', 'true'], 'no checkpoint'),

@@ -15,6 +15,7 @@ import pytest
 import torch
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_nothing_is_lost,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
     check_resume_after_a_stop_is_exact,
@@ -190,6 +191,10 @@ def data(tmp_path_factory):
 def flags(data, out, *extra):
     return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
 
+
+
+def test_nothing_is_lost(data, tmp_path, monkeypatch):
+    check_nothing_is_lost(d.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch)
 
 def test_train_checkpoint_sample_only(data, tmp_path, capsys):
     d.main(flags(data, tmp_path))

@@ -248,6 +248,8 @@ def test_main_stars_run(tmp_path, capsys):
     (['--sample-steps', '50'], '--sampler ddim'),
     (['--sampler', 'ddim', '--sample-steps', '500'], '--sample-steps must be'),
     (['--epochs', '-1'], 'counts'),
+    (['--log-every', '0'], '--log-every must be at least 1'),
+    (['--hidden', '0'], '--hidden and --log-every'),
     (['--ema', '1.0'], '--ema'),
     (['--eval-repeats', '1'], 'standard error'),
     (['--snapshots', '1,x'], '--snapshots'),

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_unknown_flag,
@@ -265,6 +266,14 @@ def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, 
     assert '40 folder images (3, 16, 16) | wgan-gp, 5 D step(s)' in out and 'bfloat16' in out and 'step 10/10' in out
     fid = float(out.split('| fid ')[1].split()[0])
     assert fid > 0 and math.isfinite(fid)
+    gb.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--out-dir',
+             str(tmp_path / 'nofid'), '--channels', '8', '--batch-size', '8', '--epochs', '1', '--device', 'cpu'])
+    assert 'step 5/5' in capsys.readouterr().out and (tmp_path / 'nofid' / 'samples.png').exists()  # was a traceback
+    assert not (tmp_path / 'nofid' / 'fid.png').exists()  # nothing was measured, so no curve
+
+
+def test_nothing_is_lost(data, tmp_path, monkeypatch):
+    check_nothing_is_lost(gb.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '16'], monkeypatch)
 
 
 def test_fid_without_torch_fidelity_fails_before_training(data, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from closed_form import (
     check_foreign_and_broken_checkpoints,
+    check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
@@ -235,6 +236,10 @@ def data(tmp_path_factory):
 def flags(data, out, *extra):
     return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
 
+
+
+def test_nothing_is_lost(data, tmp_path, monkeypatch):
+    check_nothing_is_lost(s.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch)
 
 def test_train_resume_sample_only_eval(data, tmp_path, capsys):
     """16 steps at once, and 8 + 8 with --resume: the same weights; then samples.npz and every sampler's eval line."""
