@@ -452,6 +452,16 @@ def shapes_hit_rates(c, model, num_classes, betas, dev, n=90):
 
 
 # ---- data ----
+def open_rgb(path):
+    """An image file as 8-bit RGB; 16-bit grey (PIL's I;16 modes) scaled by 1/257 first, since convert('RGB')
+    clips it (such images came out white)."""
+    from PIL import Image
+    img = Image.open(path)
+    if img.mode.startswith('I;16'):
+        img = Image.fromarray((np.asarray(img, np.float64) / 257).round().astype(np.uint8))
+    return img.convert('RGB')
+
+
 class FolderImages(torch.utils.data.Dataset):
     """Images under root, centre-cropped and resized to size: sub-folders are the classes (sorted names), or
     with none the images in root itself, unconditional. Items are (uint8 (3, size, size), label)."""
@@ -472,7 +482,7 @@ class FolderImages(torch.utils.data.Dataset):
         from PIL import Image, ImageOps
         path, label = self.items[i]
         try:
-            img = ImageOps.fit(Image.open(path).convert('RGB'), (self.size, self.size), Image.BICUBIC)
+            img = ImageOps.fit(open_rgb(path), (self.size, self.size), Image.BICUBIC)
         except Exception as e:  # a truncated or corrupt file, found when its batch comes up
             raise BadImage(f'{path} cannot be decoded ({type(e).__name__}: {str(e)[:80]})') from None
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
@@ -688,6 +698,10 @@ def train(c, dev, out, rank, world):
     # setup: the checkpoint before the data, so a wrong one fails at once; FID's network before training
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None
+    for k in ('batch_size', 'seed') if ckpt and rank == 0 else ():  # they set the data order and the noise
+        if ckpt['config'][k] != c[k]:
+            print(f"note: --{k.replace('_', '-')} {c[k]}, where the checkpoint has {ckpt['config'][k]}: the run goes on, "
+                  "not as the checkpoint's run would have")
     ds, classes = load_data(c)
     if not classes and c['cfg_given'] and c['cfg'] != 1:
         raise SystemExit(f"ddpm_cifar.py: {c['data_dir']} has no class sub-folders, so the model is unconditional; "
@@ -838,7 +852,7 @@ def figures(c, model, num_classes, betas, dev, out, curve, fids):
             ax.plot(*zip(*points), marker='o' if name == 'fid.png' else None)
             ax.set(xlabel='step', ylabel=ylabel, yscale='log')
             fig.tight_layout()
-            write_whole(os.path.join(out, name), lambda tmp: fig.savefig(tmp, dpi=80))
+            write_whole(os.path.join(out, name), lambda tmp, fig=fig: fig.savefig(tmp, dpi=80))
             plt.close(fig)
 
 

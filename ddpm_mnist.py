@@ -397,6 +397,9 @@ def load_mnist(root, train=True):
         ds = MNIST(root, train=train, download=True)
     except Exception as e:  # no network, or a broken file
         raw = os.path.join(os.path.abspath(root), 'MNIST', 'raw')
+        if os.path.isdir(raw) and os.listdir(raw):  # files there, one of them unreadable (or one missing, offline)
+            raise SystemExit(f'ddpm_mnist.py: MNIST under {raw} cannot be read ({type(e).__name__}: {str(e)[:90]}); '
+                             'a file there is truncated or damaged, or one is missing: replace it') from None
         raise SystemExit(f"ddpm_mnist.py: no MNIST under {raw} and the download failed "
                          f"({type(e).__name__}); put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
                          f"and t10k-labels-idx1-ubyte there (or their .gz), or pass --data-dir") from None
@@ -617,6 +620,10 @@ def train(c, dev, out, rank, world):
     from torch.utils.data import DistributedSampler
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
+    for k in ('batch_size', 'seed') if ckpt and rank == 0 else ():  # they set the data order and the noise
+        if ckpt['config'][k] != c[k]:
+            print(f"note: --{k.replace('_', '-')} {c[k]}, where the checkpoint has {ckpt['config'][k]}: the run goes on, "
+                  "not as the checkpoint's run would have")
     x_all, _ = load_mnist(c['data_dir'])
     x_all = on_device(x_all[:c['train_images'] or None], dev)
     if rank == 0:

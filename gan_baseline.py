@@ -315,6 +315,16 @@ def to_uint8(x, dataset):
 
 
 # ---- data ----
+def open_rgb(path):
+    """An image file as 8-bit RGB; 16-bit grey (PIL's I;16 modes) scaled by 1/257 first, since convert('RGB')
+    clips it (such images came out white)."""
+    from PIL import Image
+    img = Image.open(path)
+    if img.mode.startswith('I;16'):
+        img = Image.fromarray((np.asarray(img, np.float64) / 257).round().astype(np.uint8))
+    return img.convert('RGB')
+
+
 def load_images(c, train=True):
     """uint8 images (N, C, S, S) and labels: MNIST (28 pixels, padded to 32 at use) or CIFAR-10 through torchvision
     (downloaded when missing), or every image under data_dir, centre-cropped and resized, read into memory once."""
@@ -327,7 +337,7 @@ def load_images(c, train=True):
             raise SystemExit(f'gan_baseline.py: no images ({", ".join(exts)}) in {root} or its sub-folders; pass --data-dir')
         def read(f):
             try:
-                return np.array(ImageOps.fit(Image.open(f).convert('RGB'), (c['image_size'],) * 2, Image.BICUBIC))
+                return np.array(ImageOps.fit(open_rgb(f), (c['image_size'],) * 2, Image.BICUBIC))
             except OSError as e:  # PIL's UnidentifiedImageError and truncated files
                 raise SystemExit(f'gan_baseline.py: cannot read {f} as an image ({type(e).__name__}); remove or fix it') from None
         x = np.stack([read(f) for f in files])
@@ -340,6 +350,10 @@ def load_images(c, train=True):
                         't10k-labels-idx1-ubyte (or their .gz)') if c['dataset'] == 'mnist' else
                        ('cifar-10-batches-py', 'the extracted cifar-10-python.tar.gz (data_batch_1..5, test_batch, '
                         'batches.meta)'))
+        if os.path.isdir(os.path.join(root, where)) and os.listdir(os.path.join(root, where)):  # a file unreadable
+            raise SystemExit(f'gan_baseline.py: {c["dataset"]} under {os.path.join(root, where)} cannot be read '
+                             f'({type(e).__name__}: {str(e)[:90]}); a file there is truncated or damaged, or one is '
+                             'missing: replace it') from None
         raise SystemExit(f'gan_baseline.py: no {c["dataset"]} under {os.path.join(root, where)} and the download failed '
                          f'({type(e).__name__}); put {what} there, or pass --data-dir') from None
     if c['dataset'] == 'mnist':
@@ -629,6 +643,10 @@ def train(c, dev, out, rank, world, extract):
     from torch.utils.data import DistributedSampler
     path = os.path.join(out, 'ckpt.pt')
     ckpt = load_checkpoint(path, c) if c['resume'] else None  # before the data: a wrong checkpoint fails at once
+    for k in ('batch_size', 'seed') if ckpt and rank == 0 else ():  # they set the data order and the noise
+        if ckpt['config'][k] != c[k]:
+            print(f"note: --{k.replace('_', '-')} {c[k]}, where the checkpoint has {ckpt['config'][k]}: the run goes on, "
+                  "not as the checkpoint's run would have")
     data = load_data(c)
     if rank == 0:
         write_run_files(c)

@@ -177,12 +177,13 @@ def check_torchrun_matches_one_process(script, argv, out, port, steps):
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-4, err_msg=k)
 
 
-def check_nothing_is_lost(main, argv, other_arch, monkeypatch):
+def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     """Issue 19's faults, on a finished tiny run (main(argv) into an empty --out-dir):
     - a second run without --resume stops with one line (resume, or --overwrite true) and writes nothing;
     - --resume with another architecture (other_arch flags) stops with one line and writes nothing;
     - a checkpoint save that fails part-way (ENOSPC injected into torch.save) stops with one line naming the path,
       removes its temporary file and keeps the last checkpoint byte for byte;
+    - --resume with another --seed says so in one line (the run goes on, but not exactly);
     - Ctrl-C during a save (and again during the save it asks for) stops at the next step with that checkpoint;
     - an out-dir that is a file stops with one line;
     - divergence (--lr 1e30, a save every step) stops naming a checkpoint that exists and holds only finite numbers,
@@ -191,13 +192,14 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch):
     out = argv[argv.index('--out-dir') + 1]
     ckpt = os.path.join(out, 'ckpt.pt')
     main(argv)
-    files = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out) if os.path.isfile(os.path.join(out, f))}
-    unchanged = lambda: {f: open(os.path.join(out, f), 'rb').read() for f in files} == files and set(os.listdir(out)) >= set(files)
+    read = lambda: {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)
+                    if os.path.isfile(os.path.join(out, f))}
+    files = read()
     for extra, says in (([], '--overwrite true'), (['--resume', 'true'] + other_arch, 'different model')):
         with pytest.raises(SystemExit) as e:
             main(argv + extra)
         assert says in str(e.value) and '\n' not in str(e.value), str(e.value)
-        assert unchanged() and sorted(os.listdir(out)) == sorted(files), 'a refused run wrote into the out-dir'
+        assert read() == files, 'a refused run wrote into the out-dir'
 
     def full_disk(obj, f, *a, **k):
         with open(f, 'wb') as fh:
@@ -210,6 +212,8 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch):
     msg = str(e.value)
     assert f'could not write {ckpt}' in msg and 'No space left' in msg and 'MB free' in msg and '\n' not in msg, msg
     assert open(ckpt, 'rb').read() == files['ckpt.pt'] and not [f for f in os.listdir(out) if '.tmp' in f]
+    main(argv + ['--resume', 'true', '--seed', '1'])  # a finished run: nothing to train, but the note
+    assert "note: --seed 1, where the checkpoint has 0: the run goes on" in capsys.readouterr().out
     real_save = torch.save
 
     def interrupted_save(obj, f, *a, **k):  # Ctrl-C in the middle of every save, the one it asks for included
@@ -240,3 +244,24 @@ def tensors_in(obj):
         return [obj] if obj.is_floating_point() else []
     items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
     return [t for v in items for t in tensors_in(v)]
+
+
+def check_truncated_mnist_is_named(load, tmp):
+    """load(root) on MNIST files whose training images are cut in half: one line saying the files there cannot be
+    read and why (it said 'no MNIST ... the download failed')."""
+    root = write_mnist(str(tmp))
+    f = os.path.join(root, 'MNIST', 'raw', 'train-images-idx3-ubyte')
+    data = open(f, 'rb').read()
+    open(f, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        load(root)
+    assert 'cannot be read' in str(e.value) and 'truncated' in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def write_16_bit_grey_pngs(root, n=4, size=16, value=40000):
+    """n grey pngs of one 16-bit value (PIL's mode I;16): read right, every pixel is round(value / 257) = 156."""
+    from PIL import Image
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size), value, np.uint16)).save(os.path.join(root, f'{i}.png'))
+    return str(root)

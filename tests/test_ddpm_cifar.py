@@ -25,6 +25,7 @@ from closed_form import (
     check_torchrun_matches_one_process,
     check_unknown_flag,
     exact_sampler_moments,
+    write_16_bit_grey_pngs,
 )
 
 import ddpm_cifar as d
@@ -287,10 +288,10 @@ def test_train_resume_guide_interpolate_sample_only_fid(cifar, skip_md5, tmp_pat
     assert re.search(r'eval \| step 12 \| fid \d+\.\d+ \| is \d+\.\d+ \| 20 samples, cfg 2.0', out), out
 
 
-def test_nothing_is_lost(tmp_path, monkeypatch):
+def test_nothing_is_lost(tmp_path, monkeypatch, capsys):
     run = TINY + ['--dataset', 'shapes', '--image-size', '16', '--train-images', '64', '--max-steps', '4',
                   '--out-dir', str(tmp_path)]
-    check_nothing_is_lost(d.main, run, ['--channels', '64'], monkeypatch)
+    check_nothing_is_lost(d.main, run, ['--channels', '64'], monkeypatch, capsys)
 
 
 def test_a_corrupt_image_stops_before_training_or_saves_at_its_step(tmp_path, capsys):
@@ -457,3 +458,9 @@ def test_wrong_checkpoints_and_nan_keep_the_last_good_one(cifar, skip_md5, tmp_p
 
 def test_unknown_flag_is_one_usage_error(capsys):
     check_unknown_flag(d.get_config, capsys)
+
+
+def test_16_bit_grey_pngs_keep_their_values(tmp_path):
+    root = write_16_bit_grey_pngs(tmp_path / 'grey')  # it came out 255 everywhere (white)
+    ds, _ = d.load_data(d.get_config(['--dataset', 'folder', '--data-dir', root, '--image-size', '16']))
+    assert ds[0][0].unique().tolist() == [156]

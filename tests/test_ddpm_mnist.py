@@ -21,6 +21,7 @@ from closed_form import (
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
+    check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
     exact_sampler_moments,
@@ -192,9 +193,9 @@ def flags(data, out, *extra):
     return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
 
 
+def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
+    check_nothing_is_lost(d.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch, capsys)
 
-def test_nothing_is_lost(data, tmp_path, monkeypatch):
-    check_nothing_is_lost(d.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch)
 
 def test_train_checkpoint_sample_only(data, tmp_path, capsys):
     d.main(flags(data, tmp_path))
@@ -290,3 +291,7 @@ def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
 
 def test_unknown_flag_is_one_usage_error(capsys):
     check_unknown_flag(d.get_config, capsys)
+
+
+def test_a_truncated_mnist_file_is_named(tmp_path):
+    check_truncated_mnist_is_named(d.load_mnist, tmp_path)

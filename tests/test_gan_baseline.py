@@ -17,8 +17,10 @@ from closed_form import (
     check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
+    check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
+    write_16_bit_grey_pngs,
     write_mnist,
 )
 
@@ -272,8 +274,8 @@ def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, 
     assert not (tmp_path / 'nofid' / 'fid.png').exists()  # nothing was measured, so no curve
 
 
-def test_nothing_is_lost(data, tmp_path, monkeypatch):
-    check_nothing_is_lost(gb.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '16'], monkeypatch)
+def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
+    check_nothing_is_lost(gb.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '16'], monkeypatch, capsys)
 
 
 def test_fid_without_torch_fidelity_fails_before_training(data, tmp_path, monkeypatch):
@@ -353,3 +355,13 @@ def test_wrong_classifier_file_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             gb.get_classifier(gb.get_config([]), torch.device('cpu'), str(tmp_path / name))
         assert "is not the MNIST judge's weights" in str(e.value) and '\n' not in str(e.value)
+
+
+def test_a_truncated_mnist_file_is_named(tmp_path):
+    check_truncated_mnist_is_named(lambda root: gb.load_images(gb.get_config(['--data-dir', root])), tmp_path)
+
+
+def test_16_bit_grey_pngs_keep_their_values(tmp_path):
+    root = write_16_bit_grey_pngs(tmp_path / 'grey')  # it came out 255 everywhere (white)
+    x, _ = gb.load_images(gb.get_config(['--dataset', 'folder', '--data-dir', root, '--image-size', '16']))
+    assert x.unique().tolist() == [156]

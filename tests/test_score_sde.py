@@ -15,8 +15,10 @@ from closed_form import (
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_torchrun_matches_one_process,
+    check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
+    write_16_bit_grey_pngs,
     write_mnist,
 )
 
@@ -237,9 +239,9 @@ def flags(data, out, *extra):
     return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
 
 
+def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
+    check_nothing_is_lost(s.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch, capsys)
 
-def test_nothing_is_lost(data, tmp_path, monkeypatch):
-    check_nothing_is_lost(s.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch)
 
 def test_train_resume_sample_only_eval(data, tmp_path, capsys):
     """16 steps at once, and 8 + 8 with --resume: the same weights; then samples.npz and every sampler's eval line."""
@@ -332,3 +334,13 @@ def test_missing_or_bad_data_wrong_checkpoints_and_nan_loss(data, tmp_path):
 
 def test_unknown_flag_is_one_usage_error(capsys):
     check_unknown_flag(s.get_config, capsys)
+
+
+def test_a_truncated_mnist_file_is_named(tmp_path):
+    check_truncated_mnist_is_named(lambda root: s.load_images(s.get_config(['--data-dir', root])), tmp_path)
+
+
+def test_16_bit_grey_pngs_keep_their_values(tmp_path):
+    root = write_16_bit_grey_pngs(tmp_path / 'grey')  # it came out 255 everywhere (white)
+    x, _ = s.load_images(s.get_config(['--dataset', 'folder', '--data-dir', root, '--image-size', '16']))
+    assert x.unique().tolist() == [156]
