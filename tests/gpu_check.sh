@@ -4,7 +4,7 @@
 #   1. the device, torch and CUDA versions;
 #   2. the GPU-only tests (tests/test_gpu.py) and the samplers' closed-form checks on CUDA;
 #   3. the speed benchmark: bare step of our U-Net and of diffusers' (when installed), eager and compiled, and
-#      ddpm_cifar.py's own loop per logging window, at batch 128 in bf16;
+#      ddpm_cifar.py's own loop per logging window, at batch 128 in bf16, with the GPU's clocks logged beside it;
 #   4. 100-step runs of every image script in its GPU configuration (ddpm_cifar.py: the default 35.75M U-Net on
 #      generated shapes at 32 pixels, so no download is needed; the others on MNIST from DATA_DIR);
 #   5. with --full, the whole suite (CPU tests pinned to --device cpu, GPU tests on the GPU).
@@ -32,10 +32,15 @@ rm -rf "$out/summary.txt" "$out/cifar" "$out/mnist" "$out/score_sde" "$out/gan" 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 python -c 'import torch; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
            torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible")'
+par=(); python -c 'import xdist' 2>/dev/null && par=(-n 6)  # pytest-xdist: the GPU tests side by side (2 min on an H100)
 if [ "$device" = cuda ]; then
-  part gpu_tests 600 python -m pytest -q -p no:cacheprovider -k 'cuda or test_gpu' tests/test_gpu.py \
+  part gpu_tests 600 python -m pytest -q -p no:cacheprovider "${par[@]}" -k 'cuda or test_gpu' tests/test_gpu.py \
     tests/test_ddpm_cifar.py tests/test_ddpm_mnist.py tests/test_score_sde.py
+  # the SM clock and throttle reasons every 0.5 s beside the benchmark: one H100 ran the same step 39 to 64 ms
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 500 > "$out/clocks.csv" 2>/dev/null & smi=$!
   part bench 420 python tests/bench_cifar_unet.py --batch-size 128 --loop-steps 300 --log-every 50
+  kill $smi 2>/dev/null
 else  # a dry run of the command lines: the small network, eager only
   part bench 420 python tests/bench_cifar_unet.py --device "$device" --preset tiny --batch-size 32 --compile false \
     --rounds 2 --steps 2 --loop-steps 20 --log-every 5
@@ -50,6 +55,6 @@ part score_sde 180 python score_sde.py "${run[@]}" --preset gpu --data-dir "$dat
 part gan 180 python gan_baseline.py "${run[@]}" --dtype bfloat16 --data-dir "$data" --out-dir "$out/gan" \
   --eval-samples 500 --fid-every 0
 if [ "$full" = 1 ]; then
-  part suite 900 python -m pytest -q -p no:cacheprovider tests/
+  part suite 900 python -m pytest -q -p no:cacheprovider "${par[@]}" tests/
 fi
 echo "logs: $out/"; cat "$out/summary.txt"
