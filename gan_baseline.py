@@ -759,8 +759,10 @@ def train(c, dev, out, rank, world, extract):
             d_sum, g_sum, gp_sum, g_steps, n, norm, stopping = sums.tolist()
             skipped = len(logs) * world - n
             if not math.isfinite(d_sum + g_sum + gp_sum + norm) or (skipped and scaler_d.get_scale() < 2 ** -8):
-                what = (f"the weights' norm is {norm}" if math.isfinite(d_sum + g_sum + gp_sum) and n
-                        else f"a loss is {d_sum + g_sum + gp_sum if n else 'nan'}")
+                what = (f"the weights' norm is {norm}" if not math.isfinite(norm) else
+                        "float16 overflows in every step (the GradScaler's scale fell under 2^-8)"
+                        if n and math.isfinite(d_sum + g_sum + gp_sum) else
+                        f"a loss is {d_sum + g_sum + gp_sum if n else 'nan'}")
                 raise SystemExit(f'gan_baseline.py: {what} in steps {step - len(logs) + 1}-{step}; '
                                  f'{last_checkpoint(path)}; try a lower --lr or --dtype float32')
             if log:
