@@ -644,7 +644,10 @@ def last_checkpoint(path):
     save checks the weights), or that none was saved."""
     if not os.path.exists(path):
         return f'no checkpoint was saved ({path} does not exist)'
-    step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    try:
+        step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
+    except Exception as e:  # a damaged file, or another script's
+        return f'the file at {path} is not a readable checkpoint ({type(e).__name__})'
     return f'the last good checkpoint, step {step}, is kept: {path}'
 
 
