@@ -689,8 +689,35 @@ def batches(ds, c, dev, rank, world, first, stop, steps_per_epoch):
     if isinstance(ds, TensorDataset):
         x_all, y_all = (on_device(v, dev) for v in ds.tensors)
         return ((x_all[i], y_all[i]) for i in order(x_all.device))
-    return DataLoader(ds, batch_sampler=(i.tolist() for i in order('cpu')), num_workers=c['workers'],
-                      pin_memory=dev.type == 'cuda', worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(ds, batch_sampler=(i.tolist() for i in order('cpu')), num_workers=c['workers'],
+                        pin_memory=dev.type == 'cuda', worker_init_fn=ignore_stop_signals)
+    return agreed(iter(loader), dist.new_group(backend='gloo') if world > 1 else None)
+
+
+def agreed(loader, group):
+    """The loader's batches, until an image cannot be decoded: then BadImage, naming it, in every process at the
+    same step (alone, the others would wait for that process's gradients until the timeout). The processes agree
+    on each batch through one integer all-reduced on the CPU (gloo), so no GPU waits for it."""
+    try:
+        while True:
+            try:
+                batch, bad = next(loader), ''
+            except StopIteration:
+                return
+            except BadImage as e:  # from a worker, e's text is its traceback: the message is the last line
+                batch, bad = None, str(e).splitlines()[-1].split('BadImage: ', 1)[-1]
+            if group is not None:
+                flag = torch.tensor(len(bad))
+                dist.all_reduce(flag, group=group)
+                if flag:  # some process met one: all say which
+                    said = [''] * dist.get_world_size(group)
+                    dist.all_gather_object(said, bad, group=group)
+                    bad = max(said, key=len)
+            if bad:
+                raise BadImage(bad)
+            yield batch
+    finally:
+        getattr(loader, '_shutdown_workers', lambda: None)()  # the workers end with the run, however it ends
 
 
 def train(c, dev, out, rank, world):
@@ -750,7 +777,7 @@ def train(c, dev, out, rank, world):
     g = torch.Generator(dev)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     losses, curve, t_win, s_win = [], [], time.time(), step
-    data = iter(batches(ds, c, dev, rank, world, step, stop, steps_per_epoch))
+    data = batches(ds, c, dev, rank, world, step, stop, steps_per_epoch)
     caught, restore_signals = catch_stop_signals()
     try:
         for x, y in data:
@@ -823,11 +850,11 @@ def train(c, dev, out, rank, world):
     except BadImage as e:  # at a step boundary: the steps so far are whole
         if rank == 0:
             save_checkpoint(path, model, ema, opt, scaler, step, c, classes, fids)
-        raise SystemExit(f'ddpm_cifar.py: {str(e).splitlines()[-1]} at step {step}; saved {path}; remove or '
+        raise SystemExit(f'ddpm_cifar.py: {e} at step {step}; saved {path}; remove or '
                          'replace the file and continue with --resume true') from None
     finally:
         restore_signals()
-        getattr(data, '_shutdown_workers', lambda: None)()  # a loader's workers end with the run, however it ends
+        data.close()  # a loader's workers end with the run, however it ends
     return ema.eval(), len(classes), betas, step, curve, fids, extract, stats
 
 

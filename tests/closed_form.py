@@ -159,16 +159,29 @@ def losses_of(stdout):
     return [float(v) for v in re.findall(r'^step \d+/\d+ \| loss ([\d.]+)', stdout, re.M)]
 
 
+def run_alone(cmd, timeout=300):
+    """subprocess.run(cmd), one thread, in a process group of its own that is killed whole afterwards: a run that
+    hangs (torchrun's processes waiting on each other) fails the test at the timeout and does not outlive it."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def check_torchrun_matches_one_process(script, argv, out, port, steps):
     """argv (logging every step) run by 1 process, and by 2 gloo processes under torchrun, each with half of the
     global batch. Each step's loss is the mean over the same images, t and noise (drawn for the global batch, rank r
     taking rows r::2), so the two runs agree up to float32 rounding of the reductions (relative 1e-4), and so do the
     weights they save."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    one = subprocess.run([sys.executable, script, *argv, '--out-dir', str(out / 'one')], env=env, capture_output=True,
-                         text=True, timeout=300)
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master-port={port}',
-                          script, *argv, '--out-dir', str(out / 'two')], env=env, capture_output=True, text=True, timeout=300)
+    one = run_alone([sys.executable, script, *argv, '--out-dir', str(out / 'one')])
+    two = run_alone([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master-port={port}',
+                     script, *argv, '--out-dir', str(out / 'two')])
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     assert '2 process(es)' in two.stdout and len(losses_of(one.stdout)) == steps
     np.testing.assert_allclose(losses_of(two.stdout), losses_of(one.stdout), rtol=1e-4)

@@ -25,6 +25,7 @@ from closed_form import (
     check_torchrun_matches_one_process,
     check_unknown_flag,
     exact_sampler_moments,
+    run_alone,
     write_16_bit_grey_pngs,
 )
 
@@ -316,6 +317,31 @@ def test_a_corrupt_image_stops_before_training_or_saves_at_its_step(tmp_path, ca
     (tmp_path / 'd' / 'cat' / 'zz.png').write_bytes(data)
     d.main(run + ['--resume', 'true'])
     assert 'step 6/6' in capsys.readouterr().out  # 33 images, batch 16: 2 steps an epoch
+
+
+def test_a_corrupt_image_met_by_another_torchrun_process_stops_every_process_at_its_step(tmp_path):
+    """Two processes under torchrun, and the truncated png is in rank 1's rows of step 1 (by the order batches()
+    states), never in rank 0's: every process stops at step 1, rank 0 saves it and the file is named, where rank 0
+    used to wait for rank 1's gradients until the timeout. With the file replaced, --resume finishes the run."""
+    from torch.utils.data import DistributedSampler
+    root = write_folder(str(tmp_path / 'd'), n=16)
+    ds, _ = d.load_data(d.get_config(['--dataset', 'folder', '--data-dir', root, '--image-size', '16']))
+    sampler = DistributedSampler(range(len(ds)), 2, 1, shuffle=True, seed=0, drop_last=True)
+    victim = ds.items[list(sampler)[8]][0]  # batch 16 is 8 rows a process a step: rank 1's first row of step 1
+    data = open(victim, 'rb').read()
+    open(victim, 'wb').write(data[:len(data) // 2])  # the header still reads
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29533',
+                os.path.join(HERE, 'ddpm_cifar.py'), *TINY, '--dataset', 'folder', '--data-dir', root, '--image-size', '16',
+                '--out-dir', str(tmp_path / 'o'), '--workers', '1', '--epochs', '3']
+    stopped = run_alone(torchrun, timeout=120)
+    said = [line for line in stopped.stderr.splitlines() if line.startswith('ddpm_cifar.py:')]
+    assert stopped.returncode != 0 and len(said) == 2, stopped.stderr[-2000:]  # the same line from each process
+    assert all(line.startswith(f'ddpm_cifar.py: {victim} cannot be decoded (') and 'at step 1; saved' in line
+               for line in said), said
+    assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['step'] == 1
+    open(victim, 'wb').write(data)
+    resumed = run_alone([*torchrun, '--resume', 'true'], timeout=120)
+    assert resumed.returncode == 0 and 'step 6/6' in resumed.stdout, resumed.stderr[-2000:]
 
 
 class ConvNet(torch.nn.Module):

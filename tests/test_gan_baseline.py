@@ -5,7 +5,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ from closed_form import (
     check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
+    run_alone,
     write_16_bit_grey_pngs,
     write_mnist,
 )
@@ -288,10 +288,8 @@ def test_fid_without_torch_fidelity_fails_before_training(data, tmp_path, monkey
 
 def test_torchrun_ddp_on_cpu(data, tmp_path):
     """Two processes with gloo, each half the batch, gradients averaged; rank 0 writes the checkpoint."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29523',
-                        os.path.join(HERE, 'gan_baseline.py'), *flags(data, tmp_path, '--epochs', '1', '--loss', 'hinge')],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = run_alone([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29523',
+                   os.path.join(HERE, 'gan_baseline.py'), *flags(data, tmp_path, '--epochs', '1', '--loss', 'hinge')])
     assert r.returncode == 0, r.stderr[-2000:]
     assert '2 process(es)' in r.stdout and ckpt_step(tmp_path / 'ckpt.pt') == 8
 
@@ -304,9 +302,8 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
             "gb.all_reduce_grads(m, 2); assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in m.parameters())\n"
             "dist.destroy_process_group()")
     (tmp_path / 'avg.py').write_text(code)
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29524',
-                        str(tmp_path / 'avg.py')], env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
-                       text=True, timeout=120)
+    r = run_alone([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master-port=29524',
+                   str(tmp_path / 'avg.py')], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
