@@ -23,12 +23,12 @@ set's mean eps by 1 / sqrt(alphas_cumprod_T) = 4000, and the stars drifted off t
 star over the same for fresh real stars, the distinct nearest neighbours, and radial_profile's spread
 (how thin the outline is) and tips (how much the radius varies with angle), which a blob or a ring can't fake.
 
-Run (writes figures, config.json and a copy of this file to out/ddpm_points/<dataset>); times are
-medians of 3 runs on a 2-core CPU:
+Run (writes figures, config.json and a copy of this file to out/ddpm_points/<dataset>; a second run there
+needs --overwrite true or another --out-dir); times are medians of 3 runs on a 2-core CPU:
     python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
     python ddpm_points.py --dataset stars    # 10-11 min (2 runs): Chamfer 0.84x real stars, spread 0.077, tips 0.149
-    python ddpm_points.py --dataset stars --set-model stats   # 4.5 min: 0.78x, but rings: spread 0.205, tips 0.040
+    python ddpm_points.py --dataset stars --set-model stats --out-dir out/stats  # 4.5 min: 0.78x, rings: spread 0.205, tips 0.040
 """
 import argparse
 import json
@@ -74,6 +74,7 @@ log_every = 500             # steps between progress lines
 seed = 0                    # seeds data, noise and initial weights
 device = 'auto'             # a torch device ('cpu', 'cuda:1'), or 'auto': cuda, then mps, then cpu
 out_dir = 'out/ddpm_points' # a folder per dataset is made inside
+overwrite = False           # replace a finished run in that folder (else a second run there stops)
 
 DINO = """
 55.3846,97.1795 51.5385,96.0256 46.1538,94.4872 42.8205,91.4103 40.7692,88.3333 38.7179,84.8718
@@ -524,45 +525,48 @@ def train(c, dev, out):
               f"{floor:.4f} +- {floor_se:.4f}")
         marks = sorted({int(e) for e in c['snapshots'].split(',') if e.strip() and 0 < int(e) < epochs} | {epochs})
     snaps, curve, step, t0 = {}, [], 0, time.time()
-    for epoch in range(1, epochs + 1):
-        for idx in torch.randperm(len(data), generator=g, device=dev).split(batch):
-            x0 = data[idx]
-            t = torch.randint(0, len(betas), (len(x0),), generator=g, device=dev)
-            noise = torch.randn(x0.shape, generator=g, device=dev)
-            alphas_cumprod_t = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1) or (B, 1, 1)
-            want = noise if c['target'] == 'eps' else v_target(x0, alphas_cumprod_t, noise)
-            loss = F.mse_loss(model(q_sample(x0, alphas_cumprod_t, noise), t), want)
-            if not torch.isfinite(loss):
-                raise SystemExit(f'ddpm_points.py: loss is {loss.item()} at step {step}; try a lower --lr')
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
-            curve.append(loss.item())
-            if step % c['log_every'] == 0 or step == total:
-                ms = (time.time() - t0) / step * 1e3
-                print(f"step {step}/{total} | loss {np.mean(curve[-c['log_every']:]):.4f} | lr {sched.get_last_lr()[0]:.1e} "
-                      f"| {ms:.2f} ms/step | {x0[..., 0].numel() / ms * 1e3:,.0f} points/s "
-                      f"| eta {ms * (total - step) / 6e4:.1f}m")
-        if epoch in marks:
-            repeats = c['eval_repeats'] if epoch == epochs else min(2, c['eval_repeats'])
-            (score, score_se), x = evaluate(ema, source, data.cpu(), betas, c, dev, g, repeats)
-            snaps[epoch] = x[:c['eval_points']] if not stars else x
-            what = 'Chamfer to nearest training star' if stars else 'sliced W1'
-            print(f'eval | epoch {epoch} | step {step} | {what} {score:.4f} +- {score_se:.4f} | {score / floor:.2f}x '
-                  f"{'real stars' if stars else 'floor'} | {time.time() - t0:.0f}s")
-    path = os.path.join(out, 'ckpt.pt')  # written whole, then renamed: a kill mid-save keeps the last one;
+    try:  # the model is saved at the end of training, so an interrupt before it keeps nothing of this run
+        for epoch in range(1, epochs + 1):
+            for idx in torch.randperm(len(data), generator=g, device=dev).split(batch):
+                x0 = data[idx]
+                t = torch.randint(0, len(betas), (len(x0),), generator=g, device=dev)
+                noise = torch.randn(x0.shape, generator=g, device=dev)
+                alphas_cumprod_t = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1) or (B, 1, 1)
+                want = noise if c['target'] == 'eps' else v_target(x0, alphas_cumprod_t, noise)
+                loss = F.mse_loss(model(q_sample(x0, alphas_cumprod_t, noise), t), want)
+                if not torch.isfinite(loss):
+                    raise SystemExit(f'ddpm_points.py: loss is {loss.item()} at step {step}; try a lower --lr')
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
+                curve.append(loss.item())
+                if step % c['log_every'] == 0 or step == total:
+                    ms = (time.time() - t0) / step * 1e3
+                    print(f"step {step}/{total} | loss {np.mean(curve[-c['log_every']:]):.4f} | lr {sched.get_last_lr()[0]:.1e} "
+                          f"| {ms:.2f} ms/step | {x0[..., 0].numel() / ms * 1e3:,.0f} points/s "
+                          f"| eta {ms * (total - step) / 6e4:.1f}m")
+            if epoch in marks:
+                repeats = c['eval_repeats'] if epoch == epochs else min(2, c['eval_repeats'])
+                (score, score_se), x = evaluate(ema, source, data.cpu(), betas, c, dev, g, repeats)
+                snaps[epoch] = x[:c['eval_points']] if not stars else x
+                what = 'Chamfer to nearest training star' if stars else 'sliced W1'
+                print(f'eval | epoch {epoch} | step {step} | {what} {score:.4f} +- {score_se:.4f} | {score / floor:.2f}x '
+                      f"{'real stars' if stars else 'floor'} | {time.time() - t0:.0f}s")
+    except KeyboardInterrupt:
+        raise SystemExit(f'ddpm_points.py: interrupted at step {step} of {total}; a run saves its model at its end, '
+                         'so this one saved none') from None
     # saved before the figures, so a plotting failure (no pillow for --gif) keeps the trained model
-    torch.save({'model': model.state_dict(), 'ema': ema.state_dict(), 'config': c, 'script': 'ddpm_points.py'}, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_whole(os.path.join(out, 'ckpt.pt'), lambda tmp: torch.save(
+        {'model': model.state_dict(), 'ema': ema.state_dict(), 'config': c, 'script': 'ddpm_points.py'}, tmp))
     if stars:
         print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars among {len(x)} generated | '
               f'{profile_line(x)}')
-        np.savez(os.path.join(out, 'samples.npz'), stars=x.numpy())  # for outside evaluation
+        write_whole(os.path.join(out, 'samples.npz'), lambda tmp: np.savez(tmp, stars=x.numpy()))  # for outside evaluation
         plot_stars(out, data.cpu(), x)
     else:
         plot_shape(out, c, source, betas, ema, snaps, curve, dev, g)
@@ -579,7 +583,7 @@ def plot_stars(out, train, gen, k=8):
             a.scatter(*x.T, s=0.5, c='k' if what == 'training' else 'C0')
             a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[], title=f'{what} star')
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'stars.png'), dpi=80)
+    write_whole(os.path.join(out, 'stars.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
 
 
@@ -595,7 +599,7 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
         a.scatter(*q_sample(x0, alphas_cumprod[t], torch.randn(x0.shape)).T, **kw)
         a.set(title=f'forward q(x_t | x_0), t = {t + 1}', xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'forward.png'), dpi=80)
+    write_whole(os.path.join(out, 'forward.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     fig, ax = plt.subplots(1, len(snaps) + 2, figsize=(3 * (len(snaps) + 2), 3.3))
     ax[0].scatter(*x0.T, **kw, c='k')
     ax[0].set(title=f"data: {c['dataset']}")
@@ -607,7 +611,7 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     for a in ax[:-1]:
         a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'samples.png'), dpi=80)
+    write_whole(os.path.join(out, 'samples.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close('all')
     if c['gif']:
         from PIL import Image
@@ -621,7 +625,26 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
             fig.canvas.draw()
             frames.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
             plt.close(fig)
-        frames[0].save(os.path.join(out, 'reverse.gif'), save_all=True, append_images=frames[1:] + frames[-1:] * 10, duration=80)
+        write_whole(os.path.join(out, 'reverse.gif'), lambda tmp: frames[0].save(
+            tmp, save_all=True, append_images=frames[1:] + frames[-1:] * 10, duration=80))
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
+    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
+    with one line saying why and how much space is free."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f'ddpm_points.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
+                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
+                         ) from None
 
 
 def main(argv=None):
@@ -631,12 +654,23 @@ def main(argv=None):
     dev = pick_device(c['device'])
     torch.manual_seed(c['seed'])
     out = os.path.join(c['out_dir'], c['dataset'])
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, 'config.json'), 'w') as f:
-        json.dump(c, f, indent=2)
-    shutil.copy(__file__, out)
+    if os.path.exists(os.path.join(out, 'ckpt.pt')) and not c['overwrite']:  # checked before anything is written
+        raise SystemExit(f'ddpm_points.py: {out} holds a finished run; keep it and pass another --out-dir, '
+                         'or replace it with --overwrite true')
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'ddpm_points.py: cannot make {out} ({e.strerror})') from None
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(out, 'config.json'), dump)
+    write_whole(os.path.join(out, os.path.basename(__file__)), lambda tmp: shutil.copy(__file__, tmp))
     print(f"device {dev} | output {out}")
-    train(c, dev, out)
+    try:
+        train(c, dev, out)
+    except KeyboardInterrupt:  # while sampling or drawing: training saved its checkpoint
+        raise SystemExit(f'ddpm_points.py: interrupted after training; {out}/ckpt.pt is saved') from None
 
 
 if __name__ == '__main__':

@@ -242,6 +242,50 @@ def test_main_stars_run(tmp_path, capsys):
     assert (run / 'stars.png').exists() and np.load(run / 'samples.npz')['stars'].shape == (4, 64, 2)
 
 
+def test_a_finished_run_is_never_lost(tmp_path, monkeypatch):
+    """ddpm_points saves its model once, at the end (it has no --resume): a second run into the folder stops and
+    writes nothing; with --overwrite true, a save that fails part-way (ENOSPC injected into torch.save) keeps the
+    first run's checkpoint byte for byte and leaves no temporary file; Ctrl-C during training is one line; an
+    out-dir that is a file is one line."""
+    import errno
+    argv = ['--dataset', 'stars', '--points', '8', '--star-points', '64', '--batch-size', '4', '--epochs', '1',
+            '--timesteps', '10', '--eval-stars', '4', '--out-dir', str(tmp_path)]
+    d.main(argv)
+    run = tmp_path / 'stars'
+    files = {f.name: f.read_bytes() for f in run.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        d.main(argv)
+    assert '--overwrite true' in str(e.value) and '\n' not in str(e.value), str(e.value)
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == files, 'a refused run wrote into the folder'
+
+    def full_disk(obj, f, *a, **k):
+        with open(f, 'wb') as fh:
+            fh.write(b'\0' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(SystemExit) as e:
+        d.main(argv + ['--overwrite', 'true'])
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert f"could not write {run / 'ckpt.pt'}" in msg and 'No space left' in msg and '\n' not in msg, msg
+    assert (run / 'ckpt.pt').read_bytes() == files['ckpt.pt'] and not [f for f in run.iterdir() if '.tmp' in f.name]
+    v_target, calls = d.v_target, []
+
+    def ctrl_c_at_step_2(*a):  # the v target is made once a step
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return v_target(*a)
+    monkeypatch.setattr(d, 'v_target', ctrl_c_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        d.main(argv + ['--overwrite', 'true'])
+    monkeypatch.undo()
+    assert str(e.value).startswith('ddpm_points.py: interrupted at step 1 of 2;') and '\n' not in str(e.value), str(e.value)
+    with pytest.raises(SystemExit) as e:
+        d.main(argv[:-1] + [str(run / 'ckpt.pt')])
+    assert 'cannot make' in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize('flags, says', [
     (['--timesteps', '1'], '--timesteps'),
     (['--beta-start', '0.03'], '--beta-start'),
