@@ -1,16 +1,17 @@
 """What only a GPU can check; every test here skips without CUDA. Each image script trains a few steps on CUDA in
 bfloat16, in float16 with its GradScaler, and under torch.compile, in channels_last, then samples from its checkpoint
-(--sample-only); torchrun --nproc_per_node=1 runs each in an NCCL process group; and more torchrun processes than GPUs
-stop with the scripts' one line. The samplers' closed-form checks run on CUDA from their own test files (parametrised
-by device). tests/gpu_check.sh runs this file with the rest of the GPU checks."""
+(--sample-only); torchrun --nproc_per_node=1 runs each in an NCCL process group; more torchrun processes than GPUs
+stop with the scripts' one line; Ctrl-C saves a compiled bfloat16 run. The samplers' closed-form checks run on CUDA
+from their own test files (parametrised by device). tests/gpu_check.sh runs this file with the rest of the GPU checks."""
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from closed_form import write_mnist
+from closed_form import check_stop_signal_saves, write_mnist
 
 import ddpm_cifar
 import ddpm_mnist
@@ -75,3 +76,13 @@ def test_more_torchrun_processes_than_gpus_stop_with_one_line(data, tmp_path):
                  29549)
     assert r.returncode != 0 and f'use --nproc_per_node={n} (one process per GPU)' in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / 'ckpt.pt').exists()
+
+
+@pytest.mark.parametrize('name', ['ddpm_cifar', 'ddpm_mnist'])
+def test_ctrl_c_saves_a_compiled_run(name, data, tmp_path):
+    """SIGINT to the process group of a --compile true run on CUDA, once its 4th step is printed: a checkpoint of a
+    later step, and one line. (A compiled run stopped this way once wrote nothing on a GPU.)"""
+    argv = RUNS[name] + ['--batch-size', '32', '--log-every', '1', '--epochs', '200', '--save-every', '100000',
+                         '--compile', 'true', '--dtype', 'bfloat16', '--device', 'cuda', '--data-dir', data,
+                         '--out-dir', str(tmp_path)]
+    check_stop_signal_saves(os.path.join(HERE, f'{name}.py'), argv, tmp_path / 'ckpt.pt', 4, signal.SIGINT)
