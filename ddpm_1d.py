@@ -356,8 +356,21 @@ def plot(path, c, true_stats, fwd, runs, w, m, p):
     ax[0, 2].set(title='std of $x_t$: reverse processes vs the true marginal', xlabel='t', xlim=(T, 0))
     ax[0, 2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
+
+
+def write_whole(path, write):
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension, which savefig reads). If writing fails
+    (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops with one line."""
+    tmp = '.tmp'.join(os.path.splitext(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f'ddpm_1d.py: could not write {path} ({e}); the file there before is kept') from None
 
 
 def main(argv=None):
@@ -366,10 +379,16 @@ def main(argv=None):
     dev = pick_device(c['device'])
     torch.manual_seed(c['seed'])
     g = torch.Generator().manual_seed(c['seed'])  # all sampling is float64 on the CPU; only eps_theta uses dev
-    os.makedirs(c['out_dir'], exist_ok=True)
-    with open(os.path.join(c['out_dir'], 'config.json'), 'w') as f:
-        json.dump(c, f, indent=2)
-    shutil.copy(__file__, c['out_dir'])
+    try:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"ddpm_1d.py: cannot make --out-dir {c['out_dir']} ({e.strerror})") from None
+
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
+    write_whole(os.path.join(c['out_dir'], os.path.basename(__file__)), lambda tmp: shutil.copy(__file__, tmp))
 
     T, n, n_keep = c['timesteps'], c['samples'], c['trajectories']
     betas = linear_betas(T, c['beta_start'], c['beta_end'])

@@ -267,6 +267,32 @@ def test_main_mixture_exact_only(tmp_path, capsys):
     assert 'exact' in out and 'learned' not in out and (tmp_path / 'ddpm_1d.png').exists()
 
 
+def test_a_failed_write_is_one_line_and_keeps_the_old_figure(tmp_path, monkeypatch):
+    """A figure whose write fails part-way (ENOSPC injected into savefig) stops with one line, leaves no temporary
+    file and keeps the figure that was there; an out-dir that is a file is one line."""
+    import errno
+
+    import matplotlib.figure
+    argv = ['--samples', '2000', '--reverse', 'exact', '--out-dir']
+    d.main(argv + [str(tmp_path)])
+    before = (tmp_path / 'ddpm_1d.png').read_bytes()
+
+    def full_disk(fig, fname, *a, **k):
+        with open(fname, 'wb') as f:
+            f.write(b'\0' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+    with pytest.raises(SystemExit) as e:
+        d.main(argv + [str(tmp_path)])
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert f"could not write {tmp_path / 'ddpm_1d.png'}" in msg and 'No space left' in msg and '\n' not in msg, msg
+    assert (tmp_path / 'ddpm_1d.png').read_bytes() == before and not [f for f in tmp_path.iterdir() if '.tmp' in f.name]
+    with pytest.raises(SystemExit) as e:
+        d.main(argv + [str(tmp_path / 'ddpm_1d.png')])
+    assert 'cannot make --out-dir' in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize('argv, says', [
     (['--beta-end', '1.5'], '--beta-end'),
     (['--timesteps', '0'], '--timesteps'),
