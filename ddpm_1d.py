@@ -99,6 +99,8 @@ def get_config(argv=None):
 def check_config(c):
     """One line naming each impossible setting, instead of a traceback later."""
     bad = [msg for ok, msg in [
+        *[(math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (c['timesteps'] >= 1, f"--timesteps must be >= 1, got {c['timesteps']}"),
         (0 < c['beta_start'] <= c['beta_end'] < 1,
          f"need 0 < --beta-start <= --beta-end < 1, got {c['beta_start']} and {c['beta_end']}"),
@@ -108,7 +110,7 @@ def check_config(c):
         (0 <= c['trajectories'] <= c['samples'], '--trajectories must be in [0, --samples]'),
         (c['train_steps'] >= 1 and c['batch_size'] >= 1 and c['hidden'] >= 1 and c['log_every'] >= 1,
          '--train-steps, --batch-size, --hidden and --log-every must be >= 1'),
-        (c['lr'] > 0 and math.isfinite(c['lr']), f"--lr must be a finite number > 0, got {c['lr']}"),
+        (c['lr'] > 0, f"--lr must be > 0, got {c['lr']}"),
     ] if not ok]
     if bad:
         raise SystemExit('ddpm_1d.py: ' + '; '.join(bad))

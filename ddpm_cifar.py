@@ -123,6 +123,8 @@ def check_config(c):
     mults = c['channel_mults'].split(',')
     down = 2 ** (len(mults) - 1)
     problems = [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (not all(m.strip().isdigit() and int(m) > 0 for m in mults),
          "--channel-mults takes positive integers like '1,2,2,2'"),
         (c['image_size'] < 8 or c['image_size'] % down,
@@ -149,7 +151,6 @@ def check_config(c):
               and c['grad_clip'] >= 0), 'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, 0 <= --dropout < 1, '
                                         '--grad-clip >= 0'),
         (c['resume'] + c['sample_only'] + c['overwrite'] > 1, '--resume, --sample-only, --overwrite: pick one'),
-        (not math.isfinite(c['cfg'] + c['lr'] + c['eta'] + c['ema']), '--cfg, --lr, --eta and --ema must be finite'),
     ]
     for bad, why in problems:
         if bad:

@@ -121,6 +121,8 @@ def check_config(c):
     """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
     mults = c['channel_mults'].split(',')
     problems = [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (not all(m.strip().isdigit() and int(m) > 0 for m in mults), "--channel-mults takes positive integers like '1,2,2'"),
         (c['patch'] not in (1, 2, 4, 7), '--patch must divide 28: 1, 2, 4 or 7'),
         (28 // max(c['patch'], 1) % 2 ** (len(mults) - 1) != 0, f"--channel-mults: {len(mults)} resolutions would halve "

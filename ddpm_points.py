@@ -126,6 +126,8 @@ def check_config(c):
     """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
     stars = c['dataset'] == 'stars'
     problems = [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (c['timesteps'] < 2, '--timesteps must be at least 2'),
         (not 0 < c['beta_start'] < c['beta_end'] < 1, '--beta-start and --beta-end need 0 < start < end < 1'),
         (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),

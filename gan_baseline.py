@@ -132,6 +132,8 @@ def check_config(c):
     """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
     s, toy = c['image_size'], c['dataset'] in TOYS
     problems = [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (c['dataset'] in ('mnist', 'cifar10') and s != 32, f"--image-size: {c['dataset']} runs at 32 pixels; folders resize"),
         (not toy and (s < 16 or s & (s - 1)), f'--image-size {s}: the DCGAN networks need 4 * 2^k pixels, at least 16'),
         (toy and c['image_size'] != 2, '--image-size means nothing for the 2D toy datasets'),

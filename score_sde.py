@@ -135,6 +135,8 @@ def check_config(c):
     mults, side = c['channel_mults'].split(','), c['image_size'] // max(c['patch'], 1)
     native = {'mnist': 28, 'cifar10': 32}.get(c['dataset'])
     problems = [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
+          if isinstance(v, float)],  # nan passes every comparison below
         (not all(m.strip().isdigit() and int(m) > 0 for m in mults), "--channel-mults takes positive integers like '1,2,2'"),
         (native and c['image_size'] != native, f"--image-size: {c['dataset']} images are {native} pixels; only folders resize"),
         (c['patch'] < 1 or c['image_size'] % c['patch'] or side % 2 ** (len(mults) - 1),

@@ -299,8 +299,8 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_figure(tmp_path, monkeypat
     (['--mix-weight', '1'], '--mix-weight'),
     (['--data-std', '-1'], '--data-std'),
     (['--device', 'gpu0'], '--device'),
-    (['--lr', '-1'], '--lr must be a finite number > 0'),
-    (['--lr', 'nan'], '--lr must be a finite number > 0'),
+    (['--lr', '-1'], '--lr must be > 0'),
+    (['--lr', 'nan'], '--lr must be a finite number, not nan'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else []))
 def test_impossible_settings_exit_with_one_line(argv, says, tmp_path):
     with pytest.raises(SystemExit) as e:

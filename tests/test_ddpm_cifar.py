@@ -449,7 +449,7 @@ def test_guidance_steers_towards_the_requested_class(tmp_path, capsys):
     (['--image-size', '64'], 'CIFAR-10 is 32x32'),
     (['--channels', '48'], 'multiple of 32'),
     (['--p-uncond', '0'], 'train with --p-uncond > 0'),
-    (['--cfg', 'nan'], 'must be finite'),
+    (['--cfg', 'nan'], '--cfg must be a finite number, not nan'),
     (['--resume', 'true', '--overwrite', 'true'], 'pick one'),
     (['--fid-every', '5'], '--fid N'),
     (['--dtype', 'float16'], 'needs CUDA'),
