@@ -1,6 +1,7 @@
 """Checks and helpers shared by the scripts' tests: closed-form checks for schedules indexed t = 0..T-1 (the papers'
 1..T), MNIST-format data for the tiny runs, reading a checkpoint's step, and the checks every image script passes
 (foreign checkpoints, unknown flags, stop signals, torchrun equivalence)."""
+import errno
 import math
 import os
 import re
@@ -190,6 +191,13 @@ def check_torchrun_matches_one_process(script, argv, out, port, steps):
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-4, err_msg=k)
 
 
+def full_disk(obj, f, *a, **k):
+    """In place of torch.save(obj, f) or Figure.savefig(fig, f): 1000 bytes written to f, then the disk is full."""
+    with open(f, 'wb') as fh:
+        fh.write(b'\0' * 1000)
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
 def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     """Issue 19's faults, on a finished tiny run (main(argv) into an empty --out-dir):
     - a second run without --resume stops with one line (resume, or --overwrite true) and writes nothing;
@@ -201,7 +209,6 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     - an out-dir that is a file stops with one line;
     - divergence (--lr 1e30, a save every step) stops naming a checkpoint that exists and holds only finite numbers,
       or saying that none was saved."""
-    import errno
     out = argv[argv.index('--out-dir') + 1]
     ckpt = os.path.join(out, 'ckpt.pt')
     main(argv)
@@ -213,11 +220,6 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
             main(argv + extra)
         assert says in str(e.value) and '\n' not in str(e.value), str(e.value)
         assert read() == files, 'a refused run wrote into the out-dir'
-
-    def full_disk(obj, f, *a, **k):
-        with open(f, 'wb') as fh:
-            fh.write(b'\0' * 1000)
-        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(SystemExit) as e:
         main(argv + ['--overwrite', 'true'])

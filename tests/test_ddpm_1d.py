@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from closed_form import full_disk
 
 import ddpm_1d as d
 
@@ -270,17 +271,10 @@ def test_main_mixture_exact_only(tmp_path, capsys):
 def test_a_failed_write_is_one_line_and_keeps_the_old_figure(tmp_path, monkeypatch):
     """A figure whose write fails part-way (ENOSPC injected into savefig) stops with one line, leaves no temporary
     file and keeps the figure that was there; an out-dir that is a file is one line."""
-    import errno
-
     import matplotlib.figure
     argv = ['--samples', '2000', '--reverse', 'exact', '--out-dir']
     d.main(argv + [str(tmp_path)])
     before = (tmp_path / 'ddpm_1d.png').read_bytes()
-
-    def full_disk(fig, fname, *a, **k):
-        with open(fname, 'wb') as f:
-            f.write(b'\0' * 1000)
-        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
     with pytest.raises(SystemExit) as e:
         d.main(argv + [str(tmp_path)])

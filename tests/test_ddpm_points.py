@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from closed_form import check_posterior_is_bayes
+from closed_form import check_posterior_is_bayes, full_disk
 
 import ddpm_points as d
 
@@ -247,7 +247,6 @@ def test_a_finished_run_is_never_lost(tmp_path, monkeypatch):
     writes nothing; with --overwrite true, a save that fails part-way (ENOSPC injected into torch.save) keeps the
     first run's checkpoint byte for byte and leaves no temporary file; Ctrl-C during training is one line; an
     out-dir that is a file is one line."""
-    import errno
     argv = ['--dataset', 'stars', '--points', '8', '--star-points', '64', '--batch-size', '4', '--epochs', '1',
             '--timesteps', '10', '--eval-stars', '4', '--out-dir', str(tmp_path)]
     d.main(argv)
@@ -257,11 +256,6 @@ def test_a_finished_run_is_never_lost(tmp_path, monkeypatch):
         d.main(argv)
     assert '--overwrite true' in str(e.value) and '\n' not in str(e.value), str(e.value)
     assert {f.name: f.read_bytes() for f in run.iterdir()} == files, 'a refused run wrote into the folder'
-
-    def full_disk(obj, f, *a, **k):
-        with open(f, 'wb') as fh:
-            fh.write(b'\0' * 1000)
-        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(SystemExit) as e:
         d.main(argv + ['--overwrite', 'true'])
