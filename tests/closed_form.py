@@ -206,6 +206,7 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
       removes its temporary file and keeps the last checkpoint byte for byte;
     - --resume with another --seed says so in one line (the run goes on, but not exactly);
     - Ctrl-C during a save (and again during the save it asks for) stops at the next step with that checkpoint;
+    - Ctrl-C while the figures are drawn after training is one line, and the checkpoint is kept;
     - an out-dir that is a file stops with one line;
     - divergence (--lr 1e30, a save every step) stops naming a checkpoint that exists and holds only finite numbers,
       or saying that none was saved."""
@@ -240,6 +241,7 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     monkeypatch.undo()
     assert 'interrupted at step 3 (SIGINT)' in str(e.value) and ckpt_step(ckpt) == 3, str(e.value)
     assert not [f for f in os.listdir(out) if '.tmp' in f]
+    check_ctrl_c_after_training(main, argv + ['--overwrite', 'true'], 'figures', monkeypatch)
     with pytest.raises(SystemExit) as e:
         main([a if a != out else os.path.join(out, 'ckpt.pt') for a in argv])  # an out-dir that is a file
     assert 'cannot make --out-dir' in str(e.value) and '\n' not in str(e.value), str(e.value)
@@ -251,6 +253,20 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     if m and os.path.exists(ckpt):
         saved = torch.load(ckpt, weights_only=True)
         assert saved['step'] == int(m[1]) and all(t.isfinite().all() for t in tensors_in(saved)), msg
+
+
+def check_ctrl_c_after_training(main, argv, stage, monkeypatch):
+    """Ctrl-C in stage, a function of main's module that runs after training (drawing the figures, training --eval's
+    judge): one line saying the checkpoint is saved (it was a traceback), and that checkpoint holds the last step."""
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys.modules[main.__module__], stage, ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    monkeypatch.undo()
+    ckpt = os.path.join(argv[argv.index('--out-dir') + 1], 'ckpt.pt')
+    assert str(e.value).endswith(f'interrupted after training; {ckpt} is saved'), str(e.value)
+    assert ckpt_step(ckpt) == int(argv[argv.index('--max-steps') + 1])
 
 
 def tensors_in(obj):

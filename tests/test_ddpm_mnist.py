@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from closed_form import (
+    check_ctrl_c_after_training,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_posterior_is_bayes,
@@ -262,6 +263,11 @@ def test_eval_prints_its_figures(data, tmp_path, capsys):
     assert '20 samples (ddim 5 steps' in out and '20 training images | confident' in out
     bpd = float(out.split('test images ')[1].split()[0])
     assert 0 < bpd < 50
+
+
+def test_ctrl_c_while_the_judge_trains_is_one_line(data, tmp_path, monkeypatch):
+    check_ctrl_c_after_training(d.main, flags(data, tmp_path, '--max-steps', '4', '--eval', 'true'), 'get_classifier',
+                                monkeypatch)
 
 
 @pytest.mark.parametrize('extra, says', [
