@@ -16,19 +16,19 @@ is averaged over eval_repeats independent pairs, since one pair's value varies b
 
 Stars: 1024 procedurally generated stars of 1024 points (make_stars lists the parameters). A set
 network (SetDenoiser) denoises a whole star at once, one t per star and independent noise per point.
-It predicts v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x0 (Salimans & Ho 2022): from
-eps, x0 = (x_t - sqrt(1 - alphas_cumprod_t) eps) / sqrt(alphas_cumprod_t) multiplies the error of the
-set's mean eps by 1 / sqrt(alphas_cumprod_T) = 4000, and the stars drifted off to the corners
-(Chamfer 4.8x real). Printed: the Chamfer distance of each generated star to its nearest training
-star over the same for fresh real stars, the distinct nearest neighbours, and radial_profile's spread
-(how thin the outline is) and tips (how much the radius varies with angle), which a blob or a ring can't fake.
+It predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022; abar_t is
+alphas_cumprod[t]): from eps, x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) multiplies the error
+of the set's mean eps by 1 / sqrt(abar_T) = 4000, and the stars drifted off to the corners (Chamfer
+4.8x real). Printed: the Chamfer distance of each generated star to its nearest training star over
+the same for fresh real stars, the distinct nearest neighbours, and radial_profile's spread (how
+thin the outline is) and tips (how much the radius varies with angle): a blob or a ring can't fake.
 
-Run (writes figures, config.json and a copy of this file to out/ddpm_points/<dataset>; a second run there
-needs --overwrite true or another --out-dir); times are medians of 3 runs on a 2-core CPU:
+Run (figures, config.json and a copy of this file go to out/ddpm_points/<dataset>; a second run
+there needs --overwrite true or another --out-dir); times are medians of 3 runs on a 2-core CPU:
     python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
-    python ddpm_points.py --dataset stars    # 10-11 min (2 runs): Chamfer 0.84x real stars, spread 0.077, tips 0.149
-    python ddpm_points.py --dataset stars --set-model stats --out-dir out/stats  # 4.5 min: 0.78x, rings: spread 0.205, tips 0.040
+    python ddpm_points.py --dataset stars    # 10-11 min: Chamfer 0.84x real, spread .077, tips .149
+    python ddpm_points.py --dataset stars --set-model stats --out-dir out/stats   # 4.5 min: rings
 """
 import argparse
 import json
@@ -50,9 +50,9 @@ schedule = 'cosine'         # 'cosine' | 'linear' | 'quadratic'
 timesteps = 200             # T
 beta_start = 1e-4           # beta_1 of 'linear' and 'quadratic'
 beta_end = 0.02             # beta_T of 'linear' and 'quadratic'
-arch = 'resnet'             # 'resnet' (tiny-diffusion: residual GELU blocks) | 'report' (emb 32, 128-256-64-2 ReLU)
+arch = 'resnet'             # 'resnet' | 'report': tiny-diffusion's GELU blocks | 128-256-64-2 ReLU
 hidden = 128                # width of the 'resnet' MLP
-target = ''                 # 'eps' | 'v' (x0 and eps rotated, see v_target): the network's output; '' = eps, v for stars
+target = ''                 # 'eps' | 'v' (see v_target): the network's output; '' = v for stars
 emb_scale = 25.0            # x and y are multiplied by this before their sinusoidal embedding
 epochs = 0                  # passes over the training points; 0 = the dataset's default
 batch_size = 0              # items per step (points, or stars); 0 = the dataset's default
@@ -64,7 +64,7 @@ sigma = 'beta_tilde'        # 'beta_tilde' | 'beta' (variance of the DDPM step)
 eta = 0.0                   # DDIM noise: 0 = deterministic, 1 = DDPM-like
 clip_x0 = 4.0               # clamp the predicted x0 to [-c, c] (data are standardised); 0 = off
 eval_points = 2000          # points per set in the sliced W1
-eval_repeats = 8            # generated sets scored at the end, averaged (2 at earlier snapshots; the floor uses 4x)
+eval_repeats = 8            # generated sets scored at the end (2 at snapshots; the floor 4x)
 snapshots = '1,5,10,20,40'  # epochs (besides the last) to sample, score and draw
 gif = False                 # also write the reverse process as a GIF (needs pillow)
 set_model = 'polar'         # 'polar' | 'stats': the stars' set network (see SetDenoiser)
@@ -80,137 +80,131 @@ DINO = """
 55.3846,97.1795 51.5385,96.0256 46.1538,94.4872 42.8205,91.4103 40.7692,88.3333 38.7179,84.8718
 35.641,79.8718 33.0769,77.5641 28.9744,74.4872 26.1538,71.4103 23.0769,66.4103 22.3077,61.7949
 22.3077,57.1795 23.3333,52.9487 25.8974,51.0256 29.4872,51.0256 32.8205,51.0256 35.3846,51.4103
-40.2564,51.4103 44.1026,52.9487 46.6667,54.1026 50,55.2564 53.0769,55.641 56.6667,56.0256 59.2308,57.9487
-61.2821,62.1795 61.5385,66.4103 61.7949,69.1026 57.4359,55.2564 54.8718,49.8718 52.5641,46.0256
-48.2051,38.3333 49.4872,42.1795 51.0256,44.1026 45.3846,36.4103 42.8205,32.5641 38.7179,31.4103
-35.1282,30.2564 32.5641,32.1795 30,36.7949 33.5897,41.4103 36.6667,45.641 38.2051,49.1026 29.7436,36.0256
-29.7436,32.1795 30,29.1026 32.0513,26.7949 35.8974,25.2564 41.0256,25.2564 44.1026,25.641 47.1795,28.718
-49.4872,31.4103 51.5385,34.8718 53.5897,37.5641 55.1282,40.641 56.6667,42.1795 59.2308,44.4872
-62.3077,46.0256 64.8718,46.7949 67.9487,47.9487 70.5128,53.718 71.5385,60.641 71.5385,64.4872 69.4872,69.4872
-46.9231,79.8718 48.2051,84.1026 50,85.2564 53.0769,85.2564 55.3846,86.0256 56.6667,86.0256 56.1538,82.9487
-53.8462,80.641 51.2821,78.718 50,78.718 47.9487,77.5641 29.7436,59.8718 29.7436,62.1795 31.2821,62.5641
+40.2564,51.4103 44.1026,52.9487 46.6667,54.1026 50,55.2564 53.0769,55.641 56.6667,56.0256
+59.2308,57.9487 61.2821,62.1795 61.5385,66.4103 61.7949,69.1026 57.4359,55.2564 54.8718,49.8718
+52.5641,46.0256 48.2051,38.3333 49.4872,42.1795 51.0256,44.1026 45.3846,36.4103 42.8205,32.5641
+38.7179,31.4103 35.1282,30.2564 32.5641,32.1795 30,36.7949 33.5897,41.4103 36.6667,45.641
+38.2051,49.1026 29.7436,36.0256 29.7436,32.1795 30,29.1026 32.0513,26.7949 35.8974,25.2564
+41.0256,25.2564 44.1026,25.641 47.1795,28.718 49.4872,31.4103 51.5385,34.8718 53.5897,37.5641
+55.1282,40.641 56.6667,42.1795 59.2308,44.4872 62.3077,46.0256 64.8718,46.7949 67.9487,47.9487
+70.5128,53.718 71.5385,60.641 71.5385,64.4872 69.4872,69.4872 46.9231,79.8718 48.2051,84.1026
+50,85.2564 53.0769,85.2564 55.3846,86.0256 56.6667,86.0256 56.1538,82.9487 53.8462,80.641
+51.2821,78.718 50,78.718 47.9487,77.5641 29.7436,59.8718 29.7436,62.1795 31.2821,62.5641
 57.9487,99.4872 61.7949,99.1026 64.8718,97.5641 68.4615,94.1026 70.7692,91.0256 72.0513,86.4103
 73.8462,83.3333 75.1282,79.1026 76.6667,75.2564 77.6923,71.4103 79.7436,66.7949 81.7949,60.2564
 83.3333,55.2564 85.1282,51.4103 86.4103,47.5641 87.9487,46.0256 89.4872,42.5641 93.3333,39.8718
-95.3846,36.7949 98.2051,33.718 56.6667,40.641 59.2308,38.3333 60.7692,33.718 63.0769,29.1026 64.1026,25.2564
-64.359,24.1026 74.359,22.9487 71.2821,22.9487 67.9487,22.1795 65.8974,20.2564 63.0769,19.1026 61.2821,19.1026
-58.7179,18.3333 55.1282,18.3333 52.3077,18.3333 49.7436,17.5641 47.4359,16.0256 44.8718,13.718
-48.7179,14.8718 51.2821,14.8718 54.1026,14.8718 56.1538,14.1026 52.0513,12.5641 48.7179,11.0256
-47.1795,9.8718 46.1538,6.0256 50.5128,9.4872 53.8462,10.2564 57.4359,10.2564 60,10.641 64.1026,10.641
-66.9231,10.641 71.2821,10.641 74.359,10.641 78.2051,10.641 67.9487,8.718 68.4615,5.2564 68.2051,2.9487
-37.6923,25.7692 39.4872,25.3846 91.2821,41.5385 50,95.7692 47.9487,95 44.1026,92.6923
+95.3846,36.7949 98.2051,33.718 56.6667,40.641 59.2308,38.3333 60.7692,33.718 63.0769,29.1026
+64.1026,25.2564 64.359,24.1026 74.359,22.9487 71.2821,22.9487 67.9487,22.1795 65.8974,20.2564
+63.0769,19.1026 61.2821,19.1026 58.7179,18.3333 55.1282,18.3333 52.3077,18.3333 49.7436,17.5641
+47.4359,16.0256 44.8718,13.718 48.7179,14.8718 51.2821,14.8718 54.1026,14.8718 56.1538,14.1026
+52.0513,12.5641 48.7179,11.0256 47.1795,9.8718 46.1538,6.0256 50.5128,9.4872 53.8462,10.2564
+57.4359,10.2564 60,10.641 64.1026,10.641 66.9231,10.641 71.2821,10.641 74.359,10.641
+78.2051,10.641 67.9487,8.718 68.4615,5.2564 68.2051,2.9487 37.6923,25.7692 39.4872,25.3846
+91.2821,41.5385 50,95.7692 47.9487,95 44.1026,92.6923
 """
 
-
 def get_config(argv=None):
-    """Every lowercase constant from the config banner to the next banner becomes --dashed-name
-    with the default's type (blank lines and comment paragraphs may sit among them); a dict."""
+    """Each lowercase constant from the config banner to the next banner is a --dashed-flag of its
+    type ('a' | 'b' first in its comment: the choices); a dict."""
     def parse_bool(s):
-        if s.lower() in ('true', '1', 'false', '0'):
-            return s.lower() in ('true', '1')
-        raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
-    block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]  # to the next banner
+        if s.lower() not in ('true', '1', 'false', '0'):
+            raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
+        return s.lower() in ('true', '1')
+    block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
-    for name, comment in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):  # lowercase constants
-        default = globals()[name]
-        listed = re.match(r"'[^']*'(?: *\| *'[^']*')+", comment)  # a leading 'a' | 'b' list gives the choices
-        choices = re.findall(r"'([^']*)'", listed[0]) if listed else None
-        ap.add_argument('--' + name.replace('_', '-'), default=default, choices=choices,
+    for name, note in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):
+        default, listed = globals()[name], re.match(r"'[^']*'(?: *\| *'[^']*')+", note)
+        ap.add_argument('--' + name.replace('_', '-'), default=default,
+                        choices=re.findall(r"'([^']*)'", listed[0]) if listed else None,
                         type=parse_bool if isinstance(default, bool) else type(default),
-                        help=f'{comment} [{default!r}]'.replace('%', '%%'))
+                        help=f'{note} [{default!r}]'.replace('%', '%%'))
     return vars(ap.parse_args(argv))
 
-
-
 def check_config(c):
-    """One line saying what is wrong and what would work, for flags that argparse accepts but the run can't use."""
+    """One line saying what is wrong and what would work, for flags a run cannot use."""
     stars = c['dataset'] == 'stars'
-    problems = [
-        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}") for k, v in c.items()
-          if isinstance(v, float)],  # nan passes every comparison below
-        (c['timesteps'] < 2, '--timesteps must be at least 2'),
-        (not 0 < c['beta_start'] < c['beta_end'] < 1, '--beta-start and --beta-end need 0 < start < end < 1'),
+    for bad, why in [
+        *[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}")
+          for k, v in c.items() if isinstance(v, float)],  # nan passes every comparison below
+        (c['timesteps'] < 2 or not 0 < c['beta_start'] < c['beta_end'] < 1,
+         'need --timesteps >= 2 and 0 < --beta-start < --beta-end < 1'),
         (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
          '--sample-steps needs --sampler ddim (DDPM runs all T steps)'),
-        (not 0 <= c['sample_steps'] <= c['timesteps'], f"--sample-steps must be 0..{c['timesteps']} (the timesteps)"),
-        (min(c['points'], c['epochs'], c['batch_size']) < 0, '--points, --epochs and --batch-size are counts, 0 = default'),
+        (not 0 <= c['sample_steps'] <= c['timesteps'], f"0 <= --sample-steps <= {c['timesteps']}"),
+        (min(c['points'], c['epochs'], c['batch_size']) < 0,
+         '--points, --epochs and --batch-size are counts, 0 = default'),
         (min(c['hidden'], c['log_every']) < 1, '--hidden and --log-every must be at least 1'),
         (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and c['clip_x0'] >= 0),
          'need --lr > 0, 0 <= --ema < 1, 0 <= --eta <= 1, --clip-x0 >= 0'),
-        (c['eval_points'] < 2 or c['eval_repeats'] < 2 or c['eval_stars'] < 2,
-         '--eval-points, --eval-repeats and --eval-stars must be at least 2 (a mean and its standard error)'),
+        (min(c['eval_points'], c['eval_repeats'], c['eval_stars']) < 2,
+         '--eval-points, --eval-repeats and --eval-stars must be at least 2 (a standard error)'),
         (not re.fullmatch(r' *(\d+ *(, *\d+ *)*)?', c['snapshots']),
          f"--snapshots takes epochs like '1,5,10', not '{c['snapshots']}'"),
         (stars and c['star_points'] < 16, '--star-points must be at least 16'),
-        (stars and c['gif'], '--gif draws a shape\'s reverse process; for stars, stars.png shows the samples'),
+        (stars and c['gif'], "--gif draws a shape's reverse process; stars.png shows the stars"),
         (not stars and c['set_model'] != set_model, '--set-model is for --dataset stars'),
-        (stars and c['arch'] != arch, '--arch is the per-point MLP of the shapes; stars use --set-model'),
-    ]
-    for bad, why in problems:
+        (stars and c['arch'] != arch, "--arch is the shapes' MLP; stars use --set-model")]:
         if bad:
             raise SystemExit(f'ddpm_points.py: {why}')
+
+
 
 # ---- schedule ----
 def linear_betas(T, beta_start, beta_end):
     """betas[t] for t = 0..T-1, evenly spaced (Ho et al. sec. 4)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
-
 def quadratic_betas(T, beta_start, beta_end):
     """sqrt(beta) evenly spaced, as in tiny-diffusion and the original DDPM code's 'quad'."""
     return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
 
-
 def cosine_alphas_cumprod(T, s=0.008):
-    """alphas_cumprod(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, at t = 0..T (Nichol & Dhariwal eq. 17)."""
+    """alphas_cumprod(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, at t = 0..T
+    (Nichol & Dhariwal eq. 17)."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return f / f[0]
 
-
 def cosine_betas(T, s=0.008, max_beta=0.999):
-    """beta_t = 1 - alphas_cumprod(t+1) / alphas_cumprod(t), clipped at max_beta so the last reverse step stays finite
-    (alphas_cumprod(T) = 0 exactly, which would make beta = 1 and 1/sqrt(alpha) infinite)."""
+    """beta_t = 1 - alphas_cumprod(t+1) / alphas_cumprod(t), clipped at max_beta so the last reverse
+    step stays finite (alphas_cumprod(T) = 0 exactly, which would make beta = 1 and 1/sqrt(alpha)
+    infinite)."""
     alphas_cumprod = cosine_alphas_cumprod(T, s)
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
-
 
 def make_betas(c):
     if c['schedule'] == 'cosine':
         return cosine_betas(c['timesteps'])
-    return (linear_betas if c['schedule'] == 'linear' else quadratic_betas)(c['timesteps'], c['beta_start'], c['beta_end'])
-
+    betas = linear_betas if c['schedule'] == 'linear' else quadratic_betas
+    return betas(c['timesteps'], c['beta_start'], c['beta_end'])
 
 def q_sample(x0, alphas_cumprod_t, noise):
-    """x_t = sqrt(alphas_cumprod_t) x0 + sqrt(1 - alphas_cumprod_t) eps ~ q(x_t | x0) (eq. 4); alphas_cumprod_t
-    broadcasts against x0."""
+    """x_t = sqrt(alphas_cumprod_t) x0 + sqrt(1 - alphas_cumprod_t) eps ~ q(x_t | x0) (eq. 4);
+    alphas_cumprod_t broadcasts against x0."""
     return alphas_cumprod_t.sqrt() * x0 + (1 - alphas_cumprod_t).sqrt() * noise
 
-
 def q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod):
-    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7); alphas_cumprod_{-1} = 1 at t = 0."""
-    alphas_cumprod_prev = alphas_cumprod[t - 1] if t > 0 else torch.ones((), dtype=alphas_cumprod.dtype)
-    c0 = alphas_cumprod_prev.sqrt() * betas[t] / (1 - alphas_cumprod[t])
-    ct = (1 - betas[t]).sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t])
-    return c0 * x0 + ct * xt, (1 - alphas_cumprod_prev) / (1 - alphas_cumprod[t]) * betas[t]
-
+    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7); alphas_cumprod_{-1} = 1 at
+    t = 0."""
+    a, b, ap = alphas_cumprod[t], betas[t], alphas_cumprod[t - 1] if t > 0 else 1.0
+    c0, ct = ap ** 0.5 * b / (1 - a), (1 - b) ** 0.5 * (1 - ap) / (1 - a)
+    return c0 * x0 + ct * xt, (1 - ap) / (1 - a) * b
 
 def predict_x0(xt, eps, alphas_cumprod_t):
     """Invert eq. 4: x0 = (x_t - sqrt(1 - alphas_cumprod_t) eps) / sqrt(alphas_cumprod_t)."""
-    return (xt - (1 - alphas_cumprod_t).sqrt() * eps) / alphas_cumprod_t.sqrt()
-
+    return (xt - (1 - alphas_cumprod_t) ** 0.5 * eps) / alphas_cumprod_t ** 0.5
 
 def v_target(x0, alphas_cumprod_t, noise):
-    """v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x0 (Salimans & Ho 2022, eq. 24, their alpha_t
-    being our sqrt(alphas_cumprod_t))."""
+    """v = sqrt(alphas_cumprod_t) eps - sqrt(1 - alphas_cumprod_t) x0 (Salimans & Ho 2022, eq. 24,
+    their alpha_t being our sqrt(alphas_cumprod_t))."""
     return alphas_cumprod_t.sqrt() * noise - (1 - alphas_cumprod_t).sqrt() * x0
 
-
 def x0_eps_from_v(xt, v, alphas_cumprod_t):
-    """x0 = a x_t - b v and eps = b x_t + a v with a = sqrt(alphas_cumprod_t), b = sqrt(1 - alphas_cumprod_t): no
-    division, so an error of v stays an error of the same size in x0 even where alphas_cumprod_t ~ 0 (from eps,
-    it would be amplified by 1 / a)."""
-    a, b = alphas_cumprod_t.sqrt(), (1 - alphas_cumprod_t).sqrt()
+    """x0 = a x_t - b v and eps = b x_t + a v with a = sqrt(alphas_cumprod_t), b = sqrt(1 -
+    alphas_cumprod_t): no division, so an error of v stays an error of the same size in x0 even
+    where alphas_cumprod_t ~ 0 (from eps, it would be amplified by 1 / a)."""
+    a, b = alphas_cumprod_t ** 0.5, (1 - alphas_cumprod_t) ** 0.5
     return a * xt - b * v, b * xt + a * v
+
 
 
 # ---- model ----
@@ -220,7 +214,6 @@ def sinusoidal(x, dim, scale=1.0):
     a = scale * x.float()[:, None] * freqs
     return torch.cat([a.sin(), a.cos()], 1)
 
-
 class Block(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -229,117 +222,123 @@ class Block(nn.Module):
     def forward(self, x):
         return x + F.gelu(self.ff(x))
 
-
 class PointMLP(nn.Module):
     """eps_theta(x_t, t) on sinusoidal embeddings of x, y and t. 'resnet': tiny-diffusion's 128-wide
-    embeddings and three residual GELU blocks; 'report': 32-wide embeddings, 128-256-64-2 with ReLU."""
+    embeddings and three residual GELU blocks; 'report': 32-wide embeddings, 128-256-64-2 with ReLU.
+    """
     def __init__(self, arch='resnet', hidden=128, emb_scale=25.0):
         super().__init__()
         self.emb, self.scale = (128 if arch == 'resnet' else 32), emb_scale
         if arch == 'resnet':
-            self.net = nn.Sequential(nn.Linear(3 * self.emb, hidden), nn.GELU(), *[Block(hidden) for _ in range(3)],
-                                     nn.Linear(hidden, 2))
+            self.net = nn.Sequential(nn.Linear(3 * self.emb, hidden), nn.GELU(),
+                                     *[Block(hidden) for _ in range(3)], nn.Linear(hidden, 2))
         else:
-            self.net = nn.Sequential(nn.Linear(3 * self.emb, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
-                                     nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
+            self.net = nn.Sequential(nn.Linear(3 * self.emb, 128), nn.ReLU(), nn.Linear(128, 256),
+                                     nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
 
     def forward(self, x, t):  # x (N, 2), t (N,) -> (N, 2)
-        h = [sinusoidal(x[:, 0], self.emb, self.scale), sinusoidal(x[:, 1], self.emb, self.scale), sinusoidal(t, self.emb)]
-        return self.net(torch.cat(h, 1))
-
+        emb = lambda v, s=self.scale: sinusoidal(v, self.emb, s)
+        return self.net(torch.cat([emb(x[:, 0]), emb(x[:, 1]), emb(t, 1.0)], 1))
 
 class SetDenoiser(nn.Module):
-    """eps_theta (or v) for a whole set x_t (B, N, 2) with one t per set, equivariant under permutations
-    of the N points. Each point starts from its coordinates, its offset from the set's centroid, their
-    embeddings and t's, then passes residual blocks in which the points meet:
-    'polar' (the default): PointNet-style pooling, not over the whole set but over 64 sectors of angle
-    around the centroid: each block averages the points' features per sector (split linearly between
-    the two nearest sector centres), runs a circular convolution along the ring of sectors (dilations
-    1, 2, 4, 8, so the last block sees the whole turn) and hands every point its sectors' result. Cheap
-    (O(N)), and it sees what makes a star: the outline's radius as a function of angle.
-    'stats' (the seed report): a per-point MLP whose input also holds the mean and variance of the noised
-    set, and nothing else of the set."""
+    """eps_theta (or v) for a whole set x_t (B, N, 2) with one t per set, equivariant under
+    permutations of the N points. Each point starts from its coordinates, its offset from the set's
+    centroid, their embeddings and t's, then passes residual blocks in which the points meet:
+    'polar' (the default): PointNet-style pooling, not over the whole set but over 64 sectors of
+    angle around the centroid: each block averages the points' features per sector (split linearly
+    between the two nearest sector centres), runs a circular convolution along the ring of sectors
+    (dilations 1, 2, 4, 8, so the last block sees the whole turn) and hands every point its sectors'
+    result. Cheap (O(N)), and it sees what makes a star: the outline's radius as a function of
+    angle. 'stats' (the seed report): a per-point MLP whose input also holds the mean and variance
+    of the noised set, and nothing else of the set."""
     def __init__(self, mode='polar', hidden=128, layers=4, emb=32, emb_scale=25.0, sectors=64):
         super().__init__()
         self.mode, self.emb, self.scale, self.sectors = mode, emb, emb_scale, sectors
         self.inp = nn.Linear(6 + 3 * emb + (2 if mode == 'stats' else 0), hidden)
         self.ff = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
         if mode == 'polar':
-            self.conv = nn.ModuleList([nn.Conv1d(hidden, hidden, 5, dilation=2 ** i) for i in range(layers)])
+            self.conv = nn.ModuleList(nn.Conv1d(hidden, hidden, 5, dilation=2 ** i)
+                                      for i in range(layers))
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, t):  # x (B, N, 2), t (B,) -> (B, N, 2)
         B, N, _ = x.shape
         centre = x.mean(1, keepdim=True)  # (B, 1, 2)
         d = (x - centre).reshape(B * N, 2)
-        h = [x.reshape(B * N, 2), d, centre.expand(-1, N, -1).reshape(B * N, 2), sinusoidal(d[:, 0], self.emb, self.scale),
-             sinusoidal(d[:, 1], self.emb, self.scale), sinusoidal(t.repeat_interleave(N), self.emb)]
+        emb = lambda v, s=self.scale: sinusoidal(v, self.emb, s)
+        h = [x.reshape(B * N, 2), d, centre.expand(-1, N, -1).reshape(B * N, 2), emb(d[:, 0]),
+             emb(d[:, 1]), emb(t.repeat_interleave(N), 1.0)]
         if self.mode == 'stats':
             h.append(x.var(1).repeat_interleave(N, 0))
         h = F.gelu(self.inp(torch.cat(h, 1))).view(B, N, -1)  # (B, N, H)
-        if self.mode == 'polar':  # each point's position on the ring of sectors, and its share of the next one
+        if self.mode == 'polar':  # each point's place on the ring of sectors, its share of the next
             pos = (torch.atan2(d[:, 1], d[:, 0]).view(B, N) / (2 * math.pi) + 0.5) * self.sectors
             lo = pos.floor().long().clamp(0, self.sectors - 1)
             w = (pos - lo)[..., None].clamp(0, 1)  # (B, N, 1)
-            lo, hi = lo[..., None].expand_as(h), ((lo + 1) % self.sectors)[..., None].expand_as(h)  # (B, N, H)
+            lo, hi = (v[..., None].expand_as(h) for v in (lo, (lo + 1) % self.sectors))  # (B, N, H)
         for i, ff in enumerate(self.ff):
             u = ff(h) + (self.ring(h, lo, hi, w, self.conv[i]) if self.mode == 'polar' else 0)
             h = h + F.gelu(u)
         return self.out(h)
 
     def ring(self, h, lo, hi, w, conv):
-        """Features h (B, N, H) averaged per sector, circularly convolved along the ring, read back per point."""
+        """Features h (B, N, H) averaged per sector, circularly convolved along the ring, read back
+        per point."""
         B, _, H = h.shape
         zeros = h.new_zeros(B, self.sectors, H)
         sums = zeros.scatter_add(1, lo, h * (1 - w)).scatter_add_(1, hi, h * w)  # (B, S, H)
-        counts = zeros[..., :1].scatter_add(1, lo[..., :1], 1 - w).scatter_add_(1, hi[..., :1], w)  # (B, S, 1)
+        counts = zeros[..., :1].scatter_add(1, lo[..., :1], 1 - w).scatter_add_(1, hi[..., :1], w)
         g = (sums / (counts + 1e-3)).transpose(1, 2)  # (B, H, S); an empty sector reads as 0
         pad = 2 * conv.dilation[0]
         g = F.gelu(conv(F.pad(g, (pad, pad), mode='circular'))).transpose(1, 2)  # (B, S, H)
         return g.gather(1, lo) * (1 - w) + g.gather(1, hi) * w
 
 
+
 # ---- sampling ----
 @torch.no_grad()
-def sample(model, shape, betas, steps=0, method='ddpm', sigma='beta_tilde', eta=0.0, clip=0.0, generator=None,
-           device='cpu', keep=(), target='eps'):
+def sample(model, shape, betas, steps=0, method='ddpm', sigma='beta_tilde', eta=0.0, clip=0.0,
+           generator=None, device='cpu', keep=(), target='eps'):
     """Reverse process from x_T ~ N(0, I). 'ddpm': Algorithm 2 over all T steps, x_{t-1} = posterior
-    mean (eq. 7) at the predicted x0, plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps` evenly
-    spaced timesteps. model(x, t) takes one t per item, an (N,) long tensor, and returns eps (or v, by target).
-    clip > 0 clamps the predicted x0:
-    near t = T, sqrt(alphas_cumprod_t) ~ 1e-4 multiplies any error of eps by 1e4 in x0 (the cosine schedule's
-    first reverse steps blow up without it). Returns x_0 and {t: x_t} for t in keep."""
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    T = len(betas)
-    x = torch.randn(shape, generator=generator, device=device)
+    mean (eq. 7) at the predicted x0, plus sigma_t z. 'ddim': eq. 12 of Song et al. on `steps`
+    evenly spaced timesteps. model(x, t) takes one t per item, an (N,) long tensor, and returns eps
+    (or v, by target). clip > 0 clamps the predicted x0: near t = T, sqrt(alphas_cumprod_t) ~ 1e-4
+    multiplies any error of eps by 1e4 in x0 (the cosine schedule's first reverse steps blow up
+    without it). The schedule stays float64, each step's coefficients Python floats. Returns x_0
+    and {t: x_t} for t in keep."""
+    alphas_cumprod, T = torch.cumprod(1 - betas.double(), 0).tolist(), len(betas)
+    betas, x = betas.tolist(), torch.randn(shape, generator=generator, device=device)
     snaps = {T: x.cpu()} if T in keep else {}
-    ts = list(range(T - 1, -1, -1)) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round().long().tolist()
+    ts = range(T - 1, -1, -1) if method == 'ddpm' else torch.linspace(T - 1, 0, steps or T).round()
+    ts = [int(t) for t in ts]
     for i, t in enumerate(ts):
-        a = alphas_cumprod[t].float().to(device)
+        a = alphas_cumprod[t]
         out = model(x, torch.full(shape[:1], t, device=device, dtype=torch.long))
         x0, eps = x0_eps_from_v(x, out, a) if target == 'v' else (predict_x0(x, out, a), out)
         x0 = x0.clamp(-clip, clip) if clip > 0 else x0
         if method == 'ddpm':
-            mean, var = q_posterior_mean_var(x0, x, t, betas.float().to(device), alphas_cumprod.float().to(device))
-            var = betas[t].float() if sigma == 'beta' and t > 0 else var
-            x = mean + var.sqrt() * torch.randn(shape, generator=generator, device=device) if t > 0 else mean
+            mean, var = q_posterior_mean_var(x0, x, t, betas, alphas_cumprod)
+            var = betas[t] if sigma == 'beta' else var
+            z = torch.randn(shape, generator=generator, device=device) if t else 0
+            x = mean + var ** 0.5 * z
         else:
-            a_prev = alphas_cumprod[ts[i + 1]].float().to(device) if i + 1 < len(ts) else torch.ones((), device=device)
-            s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # eq. 16
+            a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else 1.0
+            s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5  # eq. 16
             z = torch.randn(shape, generator=generator, device=device)
-            x = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).sqrt() * eps + s * z  # eq. 12
+            x = a_prev ** 0.5 * x0 + (1 - a_prev - s ** 2) ** 0.5 * eps + s * z  # eq. 12
         if t in keep:
             snaps[t] = x.cpu()
     return x, snaps
 
-
 def sliced_w1(a, b, n_dirs=256, seed=0):
     """Mean over n_dirs fixed random directions of the 1D Wasserstein-1 distance between the
     projections of two equal-size point sets a, b (N, 2): sorted projections, mean |difference|."""
-    theta = torch.rand(n_dirs, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * math.pi
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(n_dirs, generator=g, dtype=torch.float64) * math.pi
     dirs = torch.stack([theta.cos(), theta.sin()], 1)
     pa, pb = (a.double() @ dirs.T).sort(0).values, (b.double() @ dirs.T).sort(0).values
     return (pa - pb).abs().mean().item()
+
 
 
 # ---- data ----
@@ -350,21 +349,23 @@ def make_shape(name, n, rng):
         x = np.stack([np.cos(a), np.sin(a)], 1) + rng.normal(size=(n, 2)) * 0.02
     elif name == 'square':
         u, side = rng.uniform(-1, 1, n), rng.integers(0, 4, n)
-        x = np.stack([np.select([side == 0, side == 1, side == 2], [u, np.ones(n), u], -np.ones(n)),
-                      np.select([side == 0, side == 1, side == 2], [-np.ones(n), u, np.ones(n)], u)], 1)
+        which = [side == 0, side == 1, side == 2]
+        x = np.stack([np.select(which, [u, np.ones(n), u], -np.ones(n)),
+                      np.select(which, [-np.ones(n), u, np.ones(n)], u)], 1)
         x += rng.normal(size=(n, 2)) * 0.02
     elif name == 'moons':
         a, upper = rng.uniform(0, math.pi, n), rng.random(n) < 0.5
-        x = np.where(upper[:, None], np.stack([np.cos(a), np.sin(a)], 1), np.stack([1 - np.cos(a), 0.5 - np.sin(a)], 1))
+        x = np.where(upper[:, None], np.stack([np.cos(a), np.sin(a)], 1),
+                     np.stack([1 - np.cos(a), 0.5 - np.sin(a)], 1))
         x += rng.normal(size=(n, 2)) * 0.05
     else:  # dino: the 142 points, resampled, with tiny-diffusion's jitter of 0.15 in table units
         table = np.array([[float(v) for v in p.split(',')] for p in DINO.split()])
         x = table[rng.integers(0, len(table), n)] + rng.normal(size=(n, 2)) * 0.15
     return torch.from_numpy(x).float()
 
-
 class Shape:
-    """A 2D distribution to draw from, standardised by a large reference draw (mean 0, overall std 1)."""
+    """A 2D distribution to draw from, standardised by a large reference draw (mean 0, overall std
+    1)."""
     def __init__(self, name, seed=0):
         self.name = name
         ref = make_shape(name, 200_000, np.random.default_rng(seed + 1_000))
@@ -374,17 +375,18 @@ class Shape:
     def draw(self, n):
         return (make_shape(self.name, n, self.rng) - self.mean) / self.std
 
-
 def make_stars(n, n_points, rng):
-    """n stars of n_points each, (n, n_points, 2). A star: k ~ U{5..8} tips, outer radius R ~ U(0.5, 1),
-    inner radius U(0.35, 0.65) R, rotation U(0, 2 pi), centre U(-0.5, 0.5)^2; points evenly spaced along
-    the 2k-gon outline (random phase), jittered by N(0, (0.01 R)^2), and shuffled: a set has no order."""
+    """n stars of n_points each, (n, n_points, 2). A star: k ~ U{5..8} tips, outer radius R ~ U(0.5,
+    1), inner radius U(0.35, 0.65) R, rotation U(0, 2 pi), centre U(-0.5, 0.5)^2; points evenly
+    spaced along the 2k-gon outline (random phase), jittered by N(0, (0.01 R)^2), and shuffled: a
+    set has no order."""
     out = np.empty((n, n_points, 2))
     for i in range(n):
         k, R = rng.integers(5, 9), rng.uniform(0.5, 1.0)
         angle = rng.uniform(0, 2 * math.pi) + math.pi * np.arange(2 * k) / k
         radius = R * np.where(np.arange(2 * k) % 2 == 0, 1.0, rng.uniform(0.35, 0.65))
-        verts = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + rng.uniform(-0.5, 0.5, 2)
+        verts = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+        verts += rng.uniform(-0.5, 0.5, 2)
         edge = np.roll(verts, -1, 0) - verts
         cum = np.concatenate([[0], np.cumsum(np.linalg.norm(edge, axis=1))])
         s = (np.arange(n_points) + rng.random()) / n_points * cum[-1]  # arc length of each point
@@ -393,111 +395,106 @@ def make_stars(n, n_points, rng):
         out[i] = rng.permutation(pts + rng.normal(size=(n_points, 2)) * 0.01 * R)
     return torch.from_numpy(out).float()
 
-
 class Stars:
     """Whole stars to draw from, scaled by one number so the points' overall std is 1."""
     def __init__(self, n_points, seed=0):
-        self.n_points, self.scale = n_points, make_stars(256, n_points, np.random.default_rng(seed + 1_000)).std()
+        self.n_points = n_points
+        self.scale = make_stars(256, n_points, np.random.default_rng(seed + 1_000)).std()
         self.rng = np.random.default_rng(seed)
 
     def draw(self, n):
         return make_stars(n, self.n_points, self.rng) / self.scale
 
-
 def mean_se(v):
     return float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-
 
 def w1_floor(shape, n, repeats):
     """Sliced W1 between two fresh draws of n data points, over `repeats` pairs: (mean, se)."""
     return mean_se([sliced_w1(shape.draw(n), shape.draw(n), seed=i) for i in range(repeats)])
 
-
 def chamfer(a, b):
-    """Symmetric Chamfer distance between point sets a (..., N, 2) and b (..., M, 2): the mean distance
-    from a point to the other set's nearest point, both ways, halved."""
+    """Symmetric Chamfer distance between point sets a (..., N, 2) and b (..., M, 2): the mean
+    distance from a point to the other set's nearest point, both ways, halved."""
     d = torch.cdist(a, b)
     return 0.5 * (d.min(-1).values.mean(-1) + d.min(-2).values.mean(-1))
 
-
 def nearest_star(stars, train, sub=128, top=16):
-    """For each star in (K, N, 2): the Chamfer distance to its nearest star in train (M, N, 2), and that
-    star's index. The `top` nearest on `sub` points of each (points are in random order, so the first
-    `sub` are a random subset) are shortlisted, then compared on all N points: at 128 points the
-    spacing along the outline hides how thin a star's outline is, at 1024 it doesn't."""
+    """For each star in (K, N, 2): the Chamfer distance to its nearest star in train (M, N, 2), and
+    that star's index. The `top` nearest on `sub` points of each (points are in random order, so the
+    first `sub` are a random subset) are shortlisted, then compared on all N points: at 128 points
+    the spacing along the outline hides how thin a star's outline is, at 1024 it doesn't."""
     dist, idx = [], []
     for s in stars:
-        near = chamfer(s[:sub].expand(len(train), -1, -1), train[:, :sub]).topk(min(top, len(train)), largest=False).indices
+        near = chamfer(s[:sub].expand(len(train), -1, -1), train[:, :sub])
+        near = near.topk(min(top, len(train)), largest=False).indices
         full = chamfer(s.expand(len(near), -1, -1), train[near])
         dist.append(full.min().item())
         idx.append(near[full.argmin()].item())
     return np.array(dist), np.array(idx)
 
-
 def radial_profile(stars, bins=36):
-    """Is each set (K, N, 2) a star's outline? In 10-degree sectors around its centroid, the points' distance
-    r to it. Spread: the std of r within a sector, averaged over sectors, over the mean r (thin outline:
-    a star 0.067, a circle with 1% jitter 0.01, a uniform disc 0.35). Tips: the std over sectors of the
-    sector's mean r, over the mean r (a star 0.18, a circle or a disc ~0). The Chamfer distance to the
-    nearest training star barely tells a ring from a star; these two can. Returns (spread, tips), (K,) each."""
+    """Is each set (K, N, 2) a star's outline? In 10-degree sectors around its centroid, the points'
+    distance r to it. Spread: the std of r within a sector, averaged over sectors, over the mean r
+    (thin outline: a star 0.067, a circle with 1% jitter 0.01, a uniform disc 0.35). Tips: the std
+    over sectors of the sector's mean r, over the mean r (a star 0.18, a circle or a disc ~0). The
+    Chamfer distance to the nearest training star barely tells a ring from a star; these two can.
+    Returns (spread, tips), (K,) each."""
     d = stars - stars.mean(1, keepdim=True)
-    r, sector = d.norm(dim=2), ((torch.atan2(d[..., 1], d[..., 0]) / math.pi + 1) / 2 * bins).long().clamp(max=bins - 1)
+    r, angle = d.norm(dim=2), torch.atan2(d[..., 1], d[..., 0])
+    sector = ((angle / math.pi + 1) / 2 * bins).long().clamp(max=bins - 1)
     count = torch.zeros(len(stars), bins).scatter_add_(1, sector, torch.ones_like(r)).clamp(min=1)
-    per = lambda v: torch.zeros(len(stars), bins).scatter_add_(1, sector, v) / count  # (K, bins) sector means
+    per = lambda v: torch.zeros(len(stars), bins).scatter_add_(1, sector, v) / count  # (K, bins)
     mean_r, spread = per(r), (per(r ** 2) - per(r) ** 2).clamp(min=0).sqrt()
     return (spread.mean(1) / r.mean(1)).numpy(), (mean_r.std(1) / r.mean(1)).numpy()
-
 
 def profile_line(stars):
     spread, tips = radial_profile(stars)
     return 'radial spread %.3f +- %.3f | tips %.3f +- %.3f' % (*mean_se(spread), *mean_se(tips))
 
-
 def sample_items(model, c, shape, betas, dev, generator):
-    return sample(model, shape, betas, c['sample_steps'], c['sampler'], c['sigma'], c['eta'], c['clip_x0'], generator, dev,
-                  target=c['target'])[0].cpu()
-
+    return sample(model, shape, betas, c['sample_steps'], c['sampler'], c['sigma'], c['eta'],
+                  c['clip_x0'], generator, dev, target=c['target'])[0].cpu()
 
 def evaluate(model, source, train, betas, c, dev, generator, repeats):
-    """Shapes: sliced W1 of `repeats` generated sets of eval_points against fresh data. Stars: Chamfer
-    distance of eval_stars generated stars to their nearest training star. (mean, se), and the samples."""
+    """Shapes: sliced W1 of `repeats` generated sets of eval_points against fresh data. Stars:
+    Chamfer distance of eval_stars generated stars to their nearest training star. (mean, se), and
+    the samples."""
     if isinstance(source, Stars):
         x = sample_items(model, c, (c['eval_stars'], c['star_points'], 2), betas, dev, generator)
         return mean_se(nearest_star(x, train)[0]), x
     n = c['eval_points']
     x = sample_items(model, c, (n * repeats, 2), betas, dev, generator)
-    return mean_se([sliced_w1(x[i * n:(i + 1) * n], source.draw(n), seed=i) for i in range(repeats)]), x
+    return mean_se([sliced_w1(x[i * n:(i + 1) * n], source.draw(n), i) for i in range(repeats)]), x
+
 
 
 # ---- train ----
 DEFAULTS = {'dino': (30_000, 60, 1024), 'circle': (3_000, 100, 1024), 'square': (3_000, 100, 1024),
             'moons': (3_000, 100, 1024), 'stars': (1024, 15, 8)}  # training items, epochs, batch
 
-
 def pick_device(name):
     """'auto' is cuda, then mps, then cpu; any other name must parse and be present."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    mps = torch.backends.mps.is_available()
     try:
-        dev = torch.device(name)
+        dev = torch.device(('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
+                           if name == 'auto' else name)
     except RuntimeError:
-        raise SystemExit(f"ddpm_points.py: --device '{name}' is not a torch device; try cpu, cuda or auto") from None
-    if {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(dev.type, lambda: True)():
-        return dev
-    raise SystemExit(f'ddpm_points.py: --device {name} is not available on this machine; try --device auto')
-
+        raise SystemExit(f"ddpm_points.py: --device '{name}' is not a torch device") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available() or dev.type == 'mps' and not mps:
+        raise SystemExit(f'ddpm_points.py: --device {name} is not on this machine; try auto')
+    return dev
 
 def make_model(c):
     if c['dataset'] == 'stars':
         return SetDenoiser(c['set_model'], c['hidden'], emb_scale=c['emb_scale'])
     return PointMLP(c['arch'], c['hidden'], c['emb_scale'])
 
-
 def train(c, dev, out):
     """One loop for both: an item is a point (2,) of a shape or a whole star (star_points, 2)."""
     stars = c['dataset'] == 'stars'
     source = Stars(c['star_points'], c['seed']) if stars else Shape(c['dataset'], c['seed'])
-    n, epochs, batch = (c[k] or v for k, v in zip(('points', 'epochs', 'batch_size'), DEFAULTS[c['dataset']]))
+    n, epochs, batch = (c[k] or v for k, v in zip(('points', 'epochs', 'batch_size'),
+                                                   DEFAULTS[c['dataset']]))
     data = source.draw(n).to(dev)
     betas = make_betas(c)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(dev)
@@ -506,38 +503,40 @@ def train(c, dev, out):
     steps_per_epoch = math.ceil(len(data) / batch)
     total = epochs * steps_per_epoch
     opt = torch.optim.Adam(model.parameters(), lr=c['lr'])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    cosine = lambda i: 0.5 * (1 + math.cos(math.pi * i / total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     name = f"set model '{c['set_model']}'" if stars else f"{c['arch']} MLP"
     print(f"data {c['dataset']}: {tuple(data.shape)} | schedule {c['schedule']}, T {len(betas)}, "
-          f"alphas_cumprod_T {alphas_cumprod[-1]:.1e} | predicts {c['target']} | "
-          f"{name}, {sum(p.numel() for p in model.parameters()):,} parameters | {epochs} epochs of {steps_per_epoch} steps, "
-          f"batch {batch}")
+          f"alphas_cumprod_T {alphas_cumprod[-1]:.1e} | predicts {c['target']} | {name}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters | {epochs} epochs of "
+          f"{steps_per_epoch} steps, batch {batch}")
     g = torch.Generator(dev).manual_seed(c['seed'])
     if stars:  # the reference: fresh real stars against the training stars
         real = source.draw(c['eval_stars'])
         fresh = nearest_star(real, data.cpu())
         floor, floor_se = mean_se(fresh[0])
-        print(f"eval | reference: {c['eval_stars']} fresh real stars: Chamfer to the nearest training star {floor:.4f} +- "
-              f"{floor_se:.4f} | {len(set(fresh[1]))} distinct nearest training stars | "
-              f"{profile_line(real)}")
+        print(f"eval | reference: {c['eval_stars']} fresh real stars: Chamfer to the nearest "
+              f'training star {floor:.4f} +- {floor_se:.4f} | {len(set(fresh[1]))} distinct '
+              f'nearest training stars | {profile_line(real)}')
         marks = [epochs]
     else:
         floor, floor_se = w1_floor(source, c['eval_points'], 4 * c['eval_repeats'])
-        print(f"eval | floor: sliced W1 between two fresh draws of {c['eval_points']:,} data points "
-              f"{floor:.4f} +- {floor_se:.4f}")
-        marks = sorted({int(e) for e in c['snapshots'].split(',') if e.strip() and 0 < int(e) < epochs} | {epochs})
+        print(f"eval | floor: sliced W1 between two fresh draws of {c['eval_points']:,} data "
+              f'points {floor:.4f} +- {floor_se:.4f}')
+        marks = {int(e) for e in c['snapshots'].split(',') if e.strip() and 0 < int(e) < epochs}
+        marks = sorted(marks | {epochs})
     snaps, curve, step, t0 = {}, [], 0, time.time()
-    try:  # the model is saved at the end of training, so an interrupt before it keeps nothing of this run
+    try:  # the model is saved at the end: an interrupt before it keeps nothing of this run
         for epoch in range(1, epochs + 1):
             for idx in torch.randperm(len(data), generator=g, device=dev).split(batch):
                 x0 = data[idx]
                 t = torch.randint(0, len(betas), (len(x0),), generator=g, device=dev)
                 noise = torch.randn(x0.shape, generator=g, device=dev)
-                alphas_cumprod_t = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1) or (B, 1, 1)
+                alphas_cumprod_t = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (B, 1[, 1])
                 want = noise if c['target'] == 'eps' else v_target(x0, alphas_cumprod_t, noise)
                 loss = F.mse_loss(model(q_sample(x0, alphas_cumprod_t, noise), t), want)
                 if not torch.isfinite(loss):
-                    raise SystemExit(f'ddpm_points.py: loss is {loss.item()} at step {step}; try a lower --lr')
+                    raise SystemExit(f'ddpm_points.py: loss {loss.item()} at step {step}; lower lr')
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -549,30 +548,31 @@ def train(c, dev, out):
                 curve.append(loss.item())
                 if step % c['log_every'] == 0 or step == total:
                     ms = (time.time() - t0) / step * 1e3
-                    print(f"step {step}/{total} | loss {np.mean(curve[-c['log_every']:]):.4f} | lr {sched.get_last_lr()[0]:.1e} "
-                          f"| {ms:.2f} ms/step | {x0[..., 0].numel() / ms * 1e3:,.0f} points/s "
-                          f"| eta {ms * (total - step) / 6e4:.1f}m")
+                    print(f"step {step}/{total} | loss {np.mean(curve[-c['log_every']:]):.4f} | lr "
+                          f'{sched.get_last_lr()[0]:.1e} | {ms:.2f} ms/step | '
+                          f'{x0[..., 0].numel() / ms * 1e3:,.0f} points/s | '
+                          f'eta {ms * (total - step) / 6e4:.1f}m')
             if epoch in marks:
                 repeats = c['eval_repeats'] if epoch == epochs else min(2, c['eval_repeats'])
                 (score, score_se), x = evaluate(ema, source, data.cpu(), betas, c, dev, g, repeats)
                 snaps[epoch] = x[:c['eval_points']] if not stars else x
                 what = 'Chamfer to nearest training star' if stars else 'sliced W1'
-                print(f'eval | epoch {epoch} | step {step} | {what} {score:.4f} +- {score_se:.4f} | {score / floor:.2f}x '
-                      f"{'real stars' if stars else 'floor'} | {time.time() - t0:.0f}s")
+                print(f'eval | epoch {epoch} | step {step} | {what} {score:.4f} +- {score_se:.4f}'
+                      f" | {score / floor:.2f}x {'real stars' if stars else 'floor'} | "
+                      f'{time.time() - t0:.0f}s')
     except KeyboardInterrupt:
-        raise SystemExit(f'ddpm_points.py: interrupted at step {step} of {total}; a run saves its model at its end, '
-                         'so this one saved none') from None
+        raise SystemExit(f'ddpm_points.py: interrupted at step {step} of {total}; a run saves its '
+                         'model at its end, so this one saved none') from None
     # saved before the figures, so a plotting failure (no pillow for --gif) keeps the trained model
-    write_whole(os.path.join(out, 'ckpt.pt'), lambda tmp: torch.save(
-        {'model': model.state_dict(), 'ema': ema.state_dict(), 'config': c, 'script': 'ddpm_points.py'}, tmp))
+    ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), config=c, script='ddpm_points.py')
+    write_whole(os.path.join(out, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
     if stars:
-        print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars among {len(x)} generated | '
-              f'{profile_line(x)}')
-        write_whole(os.path.join(out, 'samples.npz'), lambda tmp: np.savez(tmp, stars=x.numpy()))  # for outside evaluation
+        print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars '
+              f'among {len(x)} generated | {profile_line(x)}')
+        write_whole(os.path.join(out, 'samples.npz'), lambda tmp: np.savez(tmp, stars=x.numpy()))
         plot_stars(out, data.cpu(), x)
     else:
         plot_shape(out, c, source, betas, ema, snaps, curve, dev, g)
-
 
 def plot_stars(out, train, gen, k=8):
     k = min(k, len(gen), len(train))
@@ -583,11 +583,11 @@ def plot_stars(out, train, gen, k=8):
     for j in range(k):
         for a, x, what in ((ax[0, j], train[j], 'training'), (ax[1, j], gen[j], 'generated')):
             a.scatter(*x.T, s=0.5, c='k' if what == 'training' else 'C0')
-            a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[], title=f'{what} star')
+            a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[],
+                  title=f'{what} star')
     fig.tight_layout()
     write_whole(os.path.join(out, 'stars.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
-
 
 def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     import matplotlib
@@ -599,7 +599,8 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     fig, ax = plt.subplots(1, 6, figsize=(18, 3.3))
     for a, t in zip(ax, [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]):
         a.scatter(*q_sample(x0, alphas_cumprod[t], torch.randn(x0.shape)).T, **kw)
-        a.set(title=f'forward q(x_t | x_0), t = {t + 1}', xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
+        a.set(title=f'forward q(x_t | x_0), t = {t + 1}', xlim=(-3, 3), ylim=(-3, 3),
+              aspect='equal')
     fig.tight_layout()
     write_whole(os.path.join(out, 'forward.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     fig, ax = plt.subplots(1, len(snaps) + 2, figsize=(3 * (len(snaps) + 2), 3.3))
@@ -609,7 +610,8 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
         a.scatter(*x.T, **kw)
         a.set(title=f'samples after epoch {epoch}')
     ax[-1].plot(np.convolve(curve, np.ones(100) / 100, mode='valid'))
-    ax[-1].set(title='training loss (mean of 100 steps)', xlabel='step', yscale='log', aspect='auto')
+    ax[-1].set(title='training loss (mean of 100 steps)', xlabel='step', ylabel='loss',
+               yscale='log', aspect='auto')
     for a in ax[:-1]:
         a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
     fig.tight_layout()
@@ -618,7 +620,8 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     if c['gif']:
         from PIL import Image
         keep = set(range(0, T + 1, max(1, T // 40))) | {T}
-        _, path = sample(model, (c['eval_points'], 2), betas, 0, 'ddpm', c['sigma'], 0, c['clip_x0'], g, dev, keep, c['target'])
+        _, path = sample(model, (c['eval_points'], 2), betas, 0, 'ddpm', c['sigma'], 0,
+                         c['clip_x0'], g, dev, keep, c['target'])
         frames = []
         for t in sorted(path, reverse=True):
             fig, a = plt.subplots(figsize=(3.3, 3.3))
@@ -630,49 +633,40 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
         write_whole(os.path.join(out, 'reverse.gif'), lambda tmp: frames[0].save(
             tmp, save_all=True, append_images=frames[1:] + frames[-1:] * 10, duration=80))
 
-
 def write_whole(path, write):
-    """write(tmp), then tmp renamed over path (tmp keeps path's extension: savez, savefig and PIL read it). If
-    writing fails (a full disk, a read-only folder), tmp is removed, the file at path kept, and the run stops
-    with one line saying why and how much space is free."""
+    """write(tmp), then tmp renamed over path (tmp keeps path's extension, for savez, savefig and
+    PIL): a kill leaves the file there before; a failed write (a full disk) stops with one line."""
     tmp = '.tmp'.join(os.path.splitext(path))
     try:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise SystemExit(f'ddpm_points.py: could not write {path} ({str(e)[:100]}; {size / 2**20:.0f} MB '
-                         f'written before it failed, {free / 2**20:.0f} MB free); the file there before is kept'
-                         ) from None
-
+        raise SystemExit(f'ddpm_points.py: could not write {path} ({str(e)[:100]}); the file there '
+                         'before is kept') from None
 
 def main(argv=None):
     c = get_config(argv)
     c['target'] = c['target'] or ('v' if c['dataset'] == 'stars' else 'eps')
     check_config(c)
-    dev = pick_device(c['device'])
+    dev, out = pick_device(c['device']), os.path.join(c['out_dir'], c['dataset'])
     torch.manual_seed(c['seed'])
-    out = os.path.join(c['out_dir'], c['dataset'])
-    if os.path.exists(os.path.join(out, 'ckpt.pt')) and not c['overwrite']:  # checked before anything is written
-        raise SystemExit(f'ddpm_points.py: {out} holds a finished run; keep it and pass another --out-dir, '
-                         'or replace it with --overwrite true')
+    if os.path.exists(os.path.join(out, 'ckpt.pt')) and not c['overwrite']:  # before any write
+        raise SystemExit(f'ddpm_points.py: {out} holds a finished run; keep it and pass another '
+                         '--out-dir, or replace it with --overwrite true')
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise SystemExit(f'ddpm_points.py: cannot make {out} ({e.strerror})') from None
-    def dump(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(c, f, indent=2)
-    write_whole(os.path.join(out, 'config.json'), dump)
-    write_whole(os.path.join(out, os.path.basename(__file__)), lambda tmp: shutil.copy(__file__, tmp))
-    print(f"device {dev} | output {out}")
+    write_whole(os.path.join(out, 'config.json'),
+                lambda tmp: open(tmp, 'w').write(json.dumps(c, indent=2)))
+    write_whole(os.path.join(out, 'ddpm_points.py'), lambda tmp: shutil.copy(__file__, tmp))
+    print(f'device {dev} | output {out}')
     try:
         train(c, dev, out)
     except KeyboardInterrupt:  # while sampling or drawing: training saved its checkpoint
-        raise SystemExit(f'ddpm_points.py: interrupted after training; {out}/ckpt.pt is saved') from None
+        raise SystemExit(f'ddpm_points.py: interrupted; kept {out}/ckpt.pt') from None
 
 
 if __name__ == '__main__':

@@ -87,7 +87,7 @@ def loop_windows(argv, dev, compiled):
         c['out_dir'] = out
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            ddpm_cifar.train(c, dev, out, 0, 1)
+            ddpm_cifar.train(c, dev, 0, 1)
     text = buf.getvalue()
     print(''.join('    ' + line + '\n' for line in text.splitlines() if line.startswith('step')), end='')
     return [float(v) for v in re.findall(r'^step \d+/\d+ .*?\| ([\d.]+) ms/step', text, re.M)]

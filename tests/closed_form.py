@@ -204,7 +204,6 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
     - --resume with another architecture (other_arch flags) stops with one line and writes nothing;
     - a checkpoint save that fails part-way (ENOSPC injected into torch.save) stops with one line naming the path,
       removes its temporary file and keeps the last checkpoint byte for byte;
-    - --resume with another --seed says so in one line (the run goes on, but not exactly);
     - Ctrl-C during a save (and again during the save it asks for) stops at the next step with that checkpoint;
     - Ctrl-C while the figures are drawn after training is one line, and the checkpoint is kept;
     - an out-dir that is a file stops with one line;
@@ -226,10 +225,8 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
         main(argv + ['--overwrite', 'true'])
     monkeypatch.undo()
     msg = str(e.value)
-    assert f'could not write {ckpt}' in msg and 'No space left' in msg and 'MB free' in msg and '\n' not in msg, msg
+    assert f'could not write {ckpt}' in msg and 'No space left' in msg and '\n' not in msg, msg
     assert open(ckpt, 'rb').read() == files['ckpt.pt'] and not [f for f in os.listdir(out) if '.tmp' in f]
-    main(argv + ['--resume', 'true', '--seed', '1'])  # a finished run: nothing to train, but the note
-    assert "note: --seed 1, where the checkpoint has 0: the run goes on" in capsys.readouterr().out
     real_save = torch.save
 
     def interrupted_save(obj, f, *a, **k):  # Ctrl-C in the middle of every save, the one it asks for included
@@ -257,7 +254,7 @@ def check_nothing_is_lost(main, argv, other_arch, monkeypatch, capsys):
 
 def check_ctrl_c_after_training(main, argv, stage, monkeypatch):
     """Ctrl-C in stage, a function of main's module that runs after training (drawing the figures, training --eval's
-    judge): one line saying the checkpoint is saved (it was a traceback), and that checkpoint holds the last step."""
+    judge): one line naming the checkpoint kept (it was a traceback), and that checkpoint holds the last step."""
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(sys.modules[main.__module__], stage, ctrl_c)
@@ -265,8 +262,10 @@ def check_ctrl_c_after_training(main, argv, stage, monkeypatch):
         main(argv)
     monkeypatch.undo()
     ckpt = os.path.join(argv[argv.index('--out-dir') + 1], 'ckpt.pt')
-    assert str(e.value).endswith(f'interrupted after training; {ckpt} is saved'), str(e.value)
-    assert ckpt_step(ckpt) == int(argv[argv.index('--max-steps') + 1])
+    steps = int(argv[argv.index('--max-steps') + 1])
+    assert str(e.value).endswith(f'interrupted (SIGINT); the last good checkpoint, step {steps}, is kept: {ckpt}'), \
+        str(e.value)
+    assert ckpt_step(ckpt) == steps
 
 
 def tensors_in(obj):
@@ -289,10 +288,27 @@ def check_truncated_mnist_is_named(load, tmp):
     assert 'cannot be read' in str(e.value) and 'truncated' in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
-def write_16_bit_grey_pngs(root, n=4, size=16, value=40000):
-    """n grey pngs of one 16-bit value (PIL's mode I;16): read right, every pixel is round(value / 257) = 156."""
-    from PIL import Image
-    os.makedirs(root, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.full((size, size), value, np.uint16)).save(os.path.join(root, f'{i}.png'))
-    return str(root)
+def small_inception(monkeypatch, tmp_path):
+    """torch-fidelity with a stand-in for its Inception network, so no weights are downloaded: per-channel
+    means and standard deviations as the '2048' features, 5 times the means as the logits; TORCH_HOME (its
+    statistics cache) under tmp_path."""
+    from torch_fidelity import registry
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class Small(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return '2048', 'logits_unbiased'
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {'isc': 'logits_unbiased', 'fid': '2048'}[metric]
+
+        def forward(self, x):
+            f = torch.cat([x.float().mean((2, 3)), x.float().std((2, 3))], 1) / 255
+            return tuple({'2048': f, 'logits_unbiased': 5 * f[:, :3]}[k] for k in self.features_list)
+    monkeypatch.setitem(registry.FEATURE_EXTRACTORS_REGISTRY, 'inception-v3-compat', Small)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))

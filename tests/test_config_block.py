@@ -1,5 +1,6 @@
 """The config block of every script survives the first edits a forker makes in a copy: blank lines, a comment
-paragraph and new constants inside it; every constant stays a flag, in -h and on the command line."""
+paragraph and new constants inside it; every constant stays a flag, in -h and on the command line. The plumbing
+block below each image script's banner is one text, and so is the MNIST judge; no script imports a sibling."""
 import importlib.util
 import os
 import re
@@ -55,3 +56,38 @@ def test_every_float_flag_refuses_nan_and_inf(name):
             module.check_config(dict(module.get_config([f'{flag}={bad}']), target='eps'))
         msg = str(e.value)
         assert f'{flag} must be a finite number, not {float(bad)}' in msg and '\n' not in msg, msg
+
+
+IMAGE_SCRIPTS = ['ddpm_mnist', 'ddpm_cifar', 'score_sde', 'gan_baseline']
+
+
+def section(name, banner):
+    """The text of name.py from its line starting with banner to the next '# ----' banner (or the main guard)."""
+    src = open(os.path.join(HERE, f'{name}.py')).read()
+    assert src.count('\n' + banner) == 1, (name, banner)
+    return re.split(r'\n# ----|\nif __name__ ==', src.split('\n' + banner, 1)[1])[0]
+
+
+def test_the_plumbing_block_is_byte_identical_in_the_four_image_scripts():
+    blocks = {name: section(name, '# ---- plumbing: ') for name in IMAGE_SCRIPTS}
+    assert len(blocks['ddpm_cifar']) > 5000
+    for name, block in blocks.items():
+        assert block == blocks['ddpm_cifar'], f'{name}.py has drifted from ddpm_cifar.py below its plumbing banner'
+
+
+def test_the_mnist_judge_is_byte_identical_in_the_three_mnist_scripts():
+    judges = {name: section(name, '# ---- the MNIST judge: ') for name in ('ddpm_mnist', 'score_sde', 'gan_baseline')}
+    assert len(judges['ddpm_mnist']) > 2000 and 'MNIST judge' not in open(os.path.join(HERE, 'ddpm_cifar.py')).read()
+    for name, judge in judges.items():
+        assert judge == judges['ddpm_mnist'], f'{name}.py has drifted from ddpm_mnist.py in the MNIST judge'
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_a_script_imports_no_sibling_so_a_copy_runs_alone(name):
+    """A user copies one file: it may import the standard library, numpy, torch and their kin, never another
+    script of this repository."""
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, f'{name}.py')).read())
+    imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & set(SCRIPTS), imported & set(SCRIPTS)

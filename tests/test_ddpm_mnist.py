@@ -83,14 +83,14 @@ def test_loss_weight_is_min_snr_in_x0_terms(min_snr):
         np.testing.assert_allclose(cost.numpy(), (want * delta ** 2).numpy(), rtol=1e-6)
 
 
-def test_class_figures():
+def test_digit_figures():
     """Confident one-hot logits of balanced classes: all confident, KL 0; all one class: KL log 10; flat: none."""
-    balanced = 20 * torch.eye(10).repeat(3, 1)
-    assert d.class_figures(balanced)[:3] == pytest.approx((1.0, 1.0, 0.0), abs=1e-6)
+    f = torch.randn(30, 4, dtype=torch.float64)
+    balanced = d.digit_figures(f, 20 * torch.eye(10).repeat(3, 1), f)
+    assert (balanced['confident'], balanced['kl']) == pytest.approx((1.0, 0.0), abs=1e-6)
     one_class = torch.zeros(30, 10).index_fill_(1, torch.tensor([3]), 20.0)
-    assert d.class_figures(one_class)[2] == pytest.approx(math.log(10))
-    confident, mean_conf, _, hist = d.class_figures(torch.zeros(30, 10))
-    assert confident == 0 and mean_conf == pytest.approx(0.1) and hist.sum() == pytest.approx(1)
+    assert d.digit_figures(f, one_class, f)['kl'] == pytest.approx(math.log(10))
+    assert d.digit_figures(f, torch.zeros(30, 10), f)['confident'] == 0
 
 
 def test_ddim_with_eta_1_on_all_steps_is_ddpm():
@@ -176,8 +176,9 @@ def test_frechet_distance_of_gaussians():
     the plug-in estimate is within a few 1e-3 (its bias is ~ D^2 / n)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(20_000, 4, generator=g, dtype=torch.float64), torch.randn(20_000, 4, generator=g, dtype=torch.float64)
-    assert abs(d.frechet(a, 0.5 * b + 1.0) - (4 * 1.0 + 4 * 0.25)) < 0.05
-    assert d.frechet(a, b) < 0.01
+    frechet = lambda a, b: d.digit_figures(a, torch.zeros(len(a), 10), b)['frechet']
+    assert abs(frechet(a, 0.5 * b + 1.0) - (4 * 1.0 + 4 * 0.25)) < 0.05
+    assert frechet(a, b) < 0.01
 
 
 # ---- tiny runs of main() ----
@@ -209,7 +210,7 @@ def test_train_checkpoint_sample_only(data, tmp_path, capsys):
     assert set(ckpt) >= {'model', 'ema', 'optimizer', 'scaler', 'config', 'epoch'}
     d.main(flags(data, tmp_path, '--sample-only', 'true', '--sampler', 'ddim', '--sample-steps', '5', '--n-samples', '12'))
     images = np.load(tmp_path / 'samples.npz')['images']
-    assert images.shape == (12, 28, 28) and images.dtype == np.uint8
+    assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
 
 
 def run_script(*args, **kw):
@@ -266,14 +267,13 @@ def test_eval_prints_its_figures(data, tmp_path, capsys):
 
 
 def test_ctrl_c_while_the_judge_trains_is_one_line(data, tmp_path, monkeypatch):
-    check_ctrl_c_after_training(d.main, flags(data, tmp_path, '--max-steps', '4', '--eval', 'true'), 'get_classifier',
-                                monkeypatch)
+    check_ctrl_c_after_training(d.main, flags(data, tmp_path, '--max-steps', '4', '--eval', 'true'), 'Judge', monkeypatch)
 
 
 @pytest.mark.parametrize('extra, says', [
     (['--channel-mults', '1,2,2,2', '--patch', '1'], 'would halve'),
     (['--sample-steps', '50', '--sampler', 'ddpm'], '--sampler ddim'),
-    (['--channels', '20'], 'multiple of 8'),
+    (['--channels', '20'], 'multiples of 8'),
     (['--dtype', 'float16'], 'needs CUDA'),
     (['--resume', 'true'], 'no checkpoint'),
 ])
@@ -286,7 +286,7 @@ def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
 def test_missing_data_wrong_and_other_checkpoints(data, tmp_path):
     empty = tmp_path / 'empty'
     with pytest.raises(SystemExit) as e:
-        d.load_mnist(str(empty))
+        d.load_dataset(d.get_config(['--data-dir', str(empty)]), 'mnist')
     assert 'no MNIST under' in str(e.value) and str(empty) in str(e.value)
     d.main(flags(data, tmp_path, '--epochs', '1', '--n-samples', '2'))
     with pytest.raises(SystemExit) as e:
@@ -300,4 +300,4 @@ def test_unknown_flag_is_one_usage_error(capsys):
 
 
 def test_a_truncated_mnist_file_is_named(tmp_path):
-    check_truncated_mnist_is_named(d.load_mnist, tmp_path)
+    check_truncated_mnist_is_named(lambda root: d.load_dataset(d.get_config(['--data-dir', root]), 'mnist'), tmp_path)

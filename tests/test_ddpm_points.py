@@ -284,7 +284,7 @@ def test_a_finished_run_is_never_lost(tmp_path, monkeypatch):
     (['--timesteps', '1'], '--timesteps'),
     (['--beta-start', '0.03'], '--beta-start'),
     (['--sample-steps', '50'], '--sampler ddim'),
-    (['--sampler', 'ddim', '--sample-steps', '500'], '--sample-steps must be'),
+    (['--sampler', 'ddim', '--sample-steps', '500'], '0 <= --sample-steps <='),
     (['--epochs', '-1'], 'counts'),
     (['--log-every', '0'], '--log-every must be at least 1'),
     (['--hidden', '0'], '--hidden and --log-every'),
