@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import time
@@ -377,7 +378,7 @@ def main(argv=None):
         raise SystemExit(f"ddpm_1d.py: cannot make --out-dir {c['out_dir']} ({e.strerror})"
                          ) from None
     write_whole(os.path.join(c['out_dir'], 'config.json'),
-                lambda tmp: open(tmp, 'w').write(json.dumps(c, indent=2)))
+                lambda tmp: pathlib.Path(tmp).write_text(json.dumps(c, indent=2)))
     write_whole(os.path.join(c['out_dir'], 'ddpm_1d.py'), lambda tmp: shutil.copy(__file__, tmp))
 
     T, n, n_keep = c['timesteps'], c['samples'], c['trajectories']

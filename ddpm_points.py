@@ -5,26 +5,23 @@ DDPM (Ho et al. 2020, arXiv:2006.11239) with the cosine schedule of Nichol & Dha
 arXiv:2102.09672), the linear schedule, or a quadratic one, and DDIM sampling (Song et al. 2020,
 arXiv:2010.02502). Timestep index t = 0..T-1 here stands for the papers' 1..T.
 
-Shapes (circle, square, dino, moons): every point is one sample x0 in R^2 and an MLP
-eps_theta(x_t, t) learns the shape's density. The dino is the Datasaurus "dino" (Matejka &
-Fitzmaurice 2017; its 142 points are embedded below) resampled with jitter, as in tiny-diffusion.
-Every dataset is standardised to zero mean and unit overall std, so distances read in units of
-the data's scale. Quality is the sliced Wasserstein-1 distance (mean over 256 directions of the
-1D W1 of the projections) between 2,000 generated and 2,000 fresh data points, beside the same
-distance between two fresh draws of 2,000 data points: the floor a perfect model reaches. Each
-is averaged over eval_repeats independent pairs, since one pair's value varies by +-30%.
+Shapes (circle, square, dino, moons): every point is a sample x0 in R^2 and an MLP eps_theta(x_t,
+t) learns the density. The dino is the Datasaurus "dino" (Matejka & Fitzmaurice 2017; its 142
+points below) resampled with jitter, as in tiny-diffusion. Data are standardised (mean 0, overall
+std 1). Quality: the sliced Wasserstein-1 distance (the mean over 256 directions of the 1D W1 of
+the projections) of 2,000 generated to 2,000 fresh data points, beside that of two fresh draws
+(the floor), each averaged over eval_repeats pairs (one pair's value varies by +-30%).
 
-Stars: 1024 procedurally generated stars of 1024 points (make_stars lists the parameters). A set
-network (SetDenoiser) denoises a whole star at once, one t per star and independent noise per point.
-It predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022; abar_t is
-alphas_cumprod[t]): from eps, x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) multiplies the error
-of the set's mean eps by 1 / sqrt(abar_T) = 4000, and the stars drifted off to the corners (Chamfer
-4.8x real). Printed: the Chamfer distance of each generated star to its nearest training star over
-the same for fresh real stars, the distinct nearest neighbours, and radial_profile's spread (how
-thin the outline is) and tips (how much the radius varies with angle): a blob or a ring can't fake.
+Stars: 1024 generated stars of 1024 points (make_stars). A set network (SetDenoiser) denoises a
+whole star at once, one t a star, noise per point, predicting v = sqrt(abar_t) eps - sqrt(1 -
+abar_t) x0 (Salimans & Ho 2022; abar_t = alphas_cumprod[t]): from eps, x0 = (x_t - sqrt(1 - abar_t)
+eps) / sqrt(abar_t) multiplies the error of the set's mean eps by 1 / sqrt(abar_T) = 4000 (the
+stars drifted to the corners). Printed: the Chamfer distance of each generated star to its nearest
+training star over the same for fresh real stars, the distinct nearest neighbours, and
+radial_profile's spread and tips, which a blob or a ring can't fake.
 
 Run (figures, config.json and a copy of this file go to out/ddpm_points/<dataset>; a second run
-there needs --overwrite true or another --out-dir); times are medians of 3 runs on a 2-core CPU:
+there needs --overwrite true or another --out-dir); medians of 3 runs on a 2-core CPU:
     python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
     python ddpm_points.py --dataset stars    # 10-11 min: Chamfer 0.84x real, spread .077, tips .149
@@ -34,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import time
@@ -98,14 +96,13 @@ DINO = """
 63.0769,19.1026 61.2821,19.1026 58.7179,18.3333 55.1282,18.3333 52.3077,18.3333 49.7436,17.5641
 47.4359,16.0256 44.8718,13.718 48.7179,14.8718 51.2821,14.8718 54.1026,14.8718 56.1538,14.1026
 52.0513,12.5641 48.7179,11.0256 47.1795,9.8718 46.1538,6.0256 50.5128,9.4872 53.8462,10.2564
-57.4359,10.2564 60,10.641 64.1026,10.641 66.9231,10.641 71.2821,10.641 74.359,10.641
-78.2051,10.641 67.9487,8.718 68.4615,5.2564 68.2051,2.9487 37.6923,25.7692 39.4872,25.3846
-91.2821,41.5385 50,95.7692 47.9487,95 44.1026,92.6923
+57.4359,10.2564 60,10.641 64.1026,10.641 66.9231,10.641 71.2821,10.641 74.359,10.641 78.2051,10.641
+67.9487,8.718 68.4615,5.2564 68.2051,2.9487 37.6923,25.7692 39.4872,25.3846 91.2821,41.5385
+50,95.7692 47.9487,95 44.1026,92.6923
 """
 
 def get_config(argv=None):
-    """Each lowercase constant from the config banner to the next banner is a --dashed-flag of its
-    type ('a' | 'b' first in its comment: the choices); a dict."""
+    """Each constant from the config banner to the next is a --dashed-flag of its type; a dict."""
     def parse_bool(s):
         if s.lower() not in ('true', '1', 'false', '0'):
             raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
@@ -224,8 +221,7 @@ class Block(nn.Module):
 
 class PointMLP(nn.Module):
     """eps_theta(x_t, t) on sinusoidal embeddings of x, y and t. 'resnet': tiny-diffusion's 128-wide
-    embeddings and three residual GELU blocks; 'report': 32-wide embeddings, 128-256-64-2 with ReLU.
-    """
+    embeddings and three residual GELU blocks; 'report': 32-wide ones, 128-256-64-2 with ReLU."""
     def __init__(self, arch='resnet', hidden=128, emb_scale=25.0):
         super().__init__()
         self.emb, self.scale = (128 if arch == 'resnet' else 32), emb_scale
@@ -241,16 +237,13 @@ class PointMLP(nn.Module):
         return self.net(torch.cat([emb(x[:, 0]), emb(x[:, 1]), emb(t, 1.0)], 1))
 
 class SetDenoiser(nn.Module):
-    """eps_theta (or v) for a whole set x_t (B, N, 2) with one t per set, equivariant under
-    permutations of the N points. Each point starts from its coordinates, its offset from the set's
-    centroid, their embeddings and t's, then passes residual blocks in which the points meet:
-    'polar' (the default): PointNet-style pooling, not over the whole set but over 64 sectors of
-    angle around the centroid: each block averages the points' features per sector (split linearly
-    between the two nearest sector centres), runs a circular convolution along the ring of sectors
-    (dilations 1, 2, 4, 8, so the last block sees the whole turn) and hands every point its sectors'
-    result. Cheap (O(N)), and it sees what makes a star: the outline's radius as a function of
-    angle. 'stats' (the seed report): a per-point MLP whose input also holds the mean and variance
-    of the noised set, and nothing else of the set."""
+    """eps_theta (or v) of a whole set x_t (B, N, 2), one t a set, permutation-equivariant. Each
+    point starts from its coordinates, its offset from the centroid, their embeddings and t's, then
+    passes residual blocks where the points meet. 'polar': PointNet-style pooling over 64 sectors of
+    angle around the centroid: each block averages the points' features per sector (split between
+    the two nearest), convolves along the ring of sectors (dilations 1, 2, 4, 8: the last block
+    sees the whole turn) and hands each point its sectors' result; O(N), it sees a star's radius as
+    a function of angle. 'stats' (the seed report): a per-point MLP also fed the set's mean, var."""
     def __init__(self, mode='polar', hidden=128, layers=4, emb=32, emb_scale=25.0, sectors=64):
         super().__init__()
         self.mode, self.emb, self.scale, self.sectors = mode, emb, emb_scale, sectors
@@ -318,9 +311,8 @@ def sample(model, shape, betas, steps=0, method='ddpm', sigma='beta_tilde', eta=
         x0 = x0.clamp(-clip, clip) if clip > 0 else x0
         if method == 'ddpm':
             mean, var = q_posterior_mean_var(x0, x, t, betas, alphas_cumprod)
-            var = betas[t] if sigma == 'beta' else var
             z = torch.randn(shape, generator=generator, device=device) if t else 0
-            x = mean + var ** 0.5 * z
+            x = mean + (betas[t] if sigma == 'beta' else var) ** 0.5 * z
         else:
             a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else 1.0
             s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5  # eq. 16
@@ -364,22 +356,19 @@ def make_shape(name, n, rng):
     return torch.from_numpy(x).float()
 
 class Shape:
-    """A 2D distribution to draw from, standardised by a large reference draw (mean 0, overall std
-    1)."""
+    """A 2D distribution to draw from, standardised by a large reference draw (mean 0, std 1)."""
     def __init__(self, name, seed=0):
-        self.name = name
+        self.name, self.rng = name, np.random.default_rng(seed)
         ref = make_shape(name, 200_000, np.random.default_rng(seed + 1_000))
         self.mean, self.std = ref.mean(0), ref.std()
-        self.rng = np.random.default_rng(seed)
 
     def draw(self, n):
         return (make_shape(self.name, n, self.rng) - self.mean) / self.std
 
 def make_stars(n, n_points, rng):
-    """n stars of n_points each, (n, n_points, 2). A star: k ~ U{5..8} tips, outer radius R ~ U(0.5,
-    1), inner radius U(0.35, 0.65) R, rotation U(0, 2 pi), centre U(-0.5, 0.5)^2; points evenly
-    spaced along the 2k-gon outline (random phase), jittered by N(0, (0.01 R)^2), and shuffled: a
-    set has no order."""
+    """n stars of n_points, (n, n_points, 2): k ~ U{5..8} tips, outer radius R ~ U(0.5, 1), inner
+    U(0.35, 0.65) R, rotation U(0, 2 pi), centre U(-0.5, 0.5)^2; points evenly spaced along the
+    2k-gon (random phase), jittered by N(0, (0.01 R)^2), and shuffled: a set has no order."""
     out = np.empty((n, n_points, 2))
     for i in range(n):
         k, R = rng.integers(5, 9), rng.uniform(0.5, 1.0)
@@ -405,7 +394,7 @@ class Stars:
     def draw(self, n):
         return make_stars(n, self.n_points, self.rng) / self.scale
 
-def mean_se(v):
+def mean_se(v):  # the mean and its standard error
     return float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 def w1_floor(shape, n, repeats):
@@ -419,10 +408,9 @@ def chamfer(a, b):
     return 0.5 * (d.min(-1).values.mean(-1) + d.min(-2).values.mean(-1))
 
 def nearest_star(stars, train, sub=128, top=16):
-    """For each star in (K, N, 2): the Chamfer distance to its nearest star in train (M, N, 2), and
-    that star's index. The `top` nearest on `sub` points of each (points are in random order, so the
-    first `sub` are a random subset) are shortlisted, then compared on all N points: at 128 points
-    the spacing along the outline hides how thin a star's outline is, at 1024 it doesn't."""
+    """Each star's (K, N, 2) Chamfer distance to its nearest in train (M, N, 2), and its index: the
+    `top` nearest on `sub` points (a random subset: points are shuffled) are compared on all N (at
+    128 points the spacing along the outline hides how thin it is, at 1024 it doesn't)."""
     dist, idx = [], []
     for s in stars:
         near = chamfer(s[:sub].expand(len(train), -1, -1), train[:, :sub])
@@ -433,12 +421,10 @@ def nearest_star(stars, train, sub=128, top=16):
     return np.array(dist), np.array(idx)
 
 def radial_profile(stars, bins=36):
-    """Is each set (K, N, 2) a star's outline? In 10-degree sectors around its centroid, the points'
-    distance r to it. Spread: the std of r within a sector, averaged over sectors, over the mean r
-    (thin outline: a star 0.067, a circle with 1% jitter 0.01, a uniform disc 0.35). Tips: the std
-    over sectors of the sector's mean r, over the mean r (a star 0.18, a circle or a disc ~0). The
-    Chamfer distance to the nearest training star barely tells a ring from a star; these two can.
-    Returns (spread, tips), (K,) each."""
+    """(spread, tips), (K,) each: is each set (K, N, 2) a star's outline? r: the points' distance to
+    the centroid, in 10-degree sectors. Spread: the std of r in a sector over the mean r, averaged
+    (a star 0.067, a circle with 1% jitter 0.01, a disc 0.35). Tips: the std over sectors of their
+    mean r, over the mean r (a star 0.18, a circle or disc ~0). Chamfer barely tells them apart."""
     d = stars - stars.mean(1, keepdim=True)
     r, angle = d.norm(dim=2), torch.atan2(d[..., 1], d[..., 0])
     sector = ((angle / math.pi + 1) / 2 * bins).long().clamp(max=bins - 1)
@@ -448,8 +434,8 @@ def radial_profile(stars, bins=36):
     return (spread.mean(1) / r.mean(1)).numpy(), (mean_r.std(1) / r.mean(1)).numpy()
 
 def profile_line(stars):
-    spread, tips = radial_profile(stars)
-    return 'radial spread %.3f +- %.3f | tips %.3f +- %.3f' % (*mean_se(spread), *mean_se(tips))
+    (s, s_se), (t, t_se) = map(mean_se, radial_profile(stars))
+    return f'radial spread {s:.3f} +- {s_se:.3f} | tips {t:.3f} +- {t_se:.3f}'
 
 def sample_items(model, c, shape, betas, dev, generator):
     return sample(model, shape, betas, c['sample_steps'], c['sampler'], c['sigma'], c['eta'],
@@ -660,7 +646,7 @@ def main(argv=None):
     except OSError as e:
         raise SystemExit(f'ddpm_points.py: cannot make {out} ({e.strerror})') from None
     write_whole(os.path.join(out, 'config.json'),
-                lambda tmp: open(tmp, 'w').write(json.dumps(c, indent=2)))
+                lambda tmp: pathlib.Path(tmp).write_text(json.dumps(c, indent=2)))
     write_whole(os.path.join(out, 'ddpm_points.py'), lambda tmp: shutil.copy(__file__, tmp))
     print(f'device {dev} | output {out}')
     try:

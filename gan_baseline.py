@@ -559,9 +559,9 @@ def pick_device(name, local_rank=0):
     procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     dev = torch.device('cuda', local_rank) if dev.type == 'cuda' and dev.index is None else dev
     if dev.type == 'mps' and not mps or dev.type == 'cuda' and max(dev.index + 1, procs) > gpus:
-        fail(f'--device {name} is not available: this machine has {gpus} GPU(s)' + (
-            f' for the {procs} processes of torchrun; use --nproc_per_node={gpus}' if procs > 1 else
-            '; try --device auto'))
+        fail(f'torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
+             f'--nproc_per_node={gpus}, or --device cpu' if 1 < procs > gpus else
+             f'--device {name}: this machine has {gpus} GPU(s); try --device auto')
     return dev
 
 def setup(c):
@@ -623,8 +623,10 @@ def write_whole(path, write):
 
 def write_run_files(c):
     """config.json and a copy of this script, once the checkpoint and the data are accepted."""
-    write_whole(os.path.join(c['out_dir'], 'config.json'),
-                lambda tmp: open(tmp, 'w').write(json.dumps(c, indent=2)))
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(c, f, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
     write_whole(os.path.join(c['out_dir'], SCRIPT), lambda tmp: shutil.copy(__file__, tmp))
 
 def checkpoint(c):

@@ -458,7 +458,7 @@ def test_guidance_steers_towards_the_requested_class(tmp_path, capsys):
 @pytest.mark.parametrize('extra, says', [
     (['--image-size', '36', '--dataset', 'folder'], 'multiple of 8'),
     (['--image-size', '64'], 'CIFAR-10 is 32x32'),
-    (['--channels', '20'], 'multiples of 8'),
+    (['--channels', '48'], 'multiple of 32'),
     (['--p-uncond', '0'], 'train with --p-uncond > 0'),
     (['--cfg', 'nan'], '--cfg must be a finite number, not nan'),
     (['--resume', 'true', '--overwrite', 'true'], 'pick one'),

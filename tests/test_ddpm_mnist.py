@@ -273,7 +273,7 @@ def test_ctrl_c_while_the_judge_trains_is_one_line(data, tmp_path, monkeypatch):
 @pytest.mark.parametrize('extra, says', [
     (['--channel-mults', '1,2,2,2', '--patch', '1'], 'would halve'),
     (['--sample-steps', '50', '--sampler', 'ddpm'], '--sampler ddim'),
-    (['--channels', '20'], 'multiples of 8'),
+    (['--channels', '20'], 'multiple of 8'),
     (['--dtype', 'float16'], 'needs CUDA'),
     (['--resume', 'true'], 'no checkpoint'),
 ])
