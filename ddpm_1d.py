@@ -43,6 +43,7 @@ Run (writes out/ddpm_1d/ddpm_1d.png, config.json and a copy of this file):
     python ddpm_1d.py --reverse exact     # one reverse process only
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -354,17 +355,25 @@ def plot(path, c, true_stats, fwd, runs, w, m, p):
     plt.close(fig)
 
 def write_whole(path, write):
-    """write(tmp), then tmp renamed over path (tmp keeps path's extension, for savefig): a kill
-    leaves the file there before; a failed write (a full disk) stops with one line."""
-    tmp = '.tmp'.join(os.path.splitext(path))
+    """write(tmp), synced to the disk, then renamed over path (tmp, named by this process, keeps
+    path's extension for savefig): a kill or a power cut leaves the file there before. Any
+    failure, Ctrl-C too, removes tmp; a failed write (a full disk) is one line."""
+    tmp, folder = f'.tmp{os.getpid()}'.join(os.path.splitext(path)), os.path.dirname(path) or '.'
     try:
         write(tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+        return
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f'ddpm_1d.py: could not write {path} ({e}); the file there before is kept'
-                         ) from None
+        if not isinstance(e, OSError):
+            raise
+        why = 'no space left on device' if e.errno == errno.ENOSPC else e.strerror or str(e)
+    free = shutil.disk_usage(folder).free / 2 ** 20
+    raise SystemExit(f'ddpm_1d.py: could not write {path} ({why}; {free:,.0f} MB free); the file '
+                     'there before is kept')
 
 def main(argv=None):
     c = get_config(argv)

@@ -20,6 +20,7 @@ Run:
     python ddpm_cifar.py --resume true                                 # continue exactly
 """
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -512,6 +513,7 @@ def main(argv=None):
 # What is not research, written once (a test keeps the copies equal): flags, device and torchrun,
 # safe writes, checkpoints, stop signals, the loop's boundary, data, grids, FID and IS.
 SCRIPT = os.path.basename(__file__)
+RUN = {}  # this run's: 'saved', the step of the checkpoint it wrote or resumed; 'data', its size
 
 def fail(why):
     raise SystemExit(f'{SCRIPT}: {why}')  # one line, no traceback
@@ -586,9 +588,32 @@ def setup(c):
         os.makedirs(c['out_dir'], exist_ok=True)
     except OSError as e:
         fail(f"cannot make --out-dir {c['out_dir']} ({e.strerror})")
+    RUN.clear()
     if rank == 0:
+        lock_out_dir(c['out_dir'])
         print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     return dev, rank, world
+
+def lock_out_dir(out):
+    """One run an out-dir: an flock on out/.lock, held until the run ends (the OS drops it when the
+    process dies, however it dies), refuses a second run; then a killed run's temporary files go."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs are not locked
+        return
+    RUN['lock'] = lock = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"another run (pid {lock.read().strip() or '?'}) is using --out-dir {out}; wait for "
+             'it to end, or pass another --out-dir')
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    for f in os.listdir(out):
+        if re.search(r'\.tmp\d+\.\w+$', f):
+            os.remove(os.path.join(out, f))
 
 def autocast(c, dev):
     dtype = getattr(torch, c['dtype'])
@@ -596,27 +621,56 @@ def autocast(c, dev):
 
 @contextmanager
 def after_training(c):
-    """Ctrl-C while sampling, drawing or evaluating is one line; at the end the processes meet
-    (after an error a process ends at once, and torchrun stops the others)."""
+    """The run's frame. Outside the training loop (whose boundary saves first) SIGTERM stops a run
+    as Ctrl-C does, with one line saying what is kept; so do running out of memory and a file that
+    cannot be read. On success the processes meet at the end (after an error a process ends at
+    once, and torchrun stops the others). The out-dir's lock is released."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    old = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    except KeyboardInterrupt:
-        fail(f'interrupted (SIGINT); {last_checkpoint(checkpoint(c))}')
+    except KeyboardInterrupt as e:
+        fail(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); {kept(c)}")
+    except OSError as e:  # a file read outside the loop (an image that cannot be decoded)
+        fail(f'{e}; {kept(c)}')
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; the CPU's allocator says so
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        fail(f'out of memory ({str(e).splitlines()[0][:90]}); lower --batch-size or the model\'s '
+             f'or images\' size; {kept(c)}')
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if 'lock' in RUN:
+            RUN.pop('lock').close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 def write_whole(path, write):
-    """write(tmp), then tmp renamed over path (tmp keeps path's extension, for savez, savefig and
-    PIL): a kill leaves the file there before; a failed write (a full disk) stops with one line."""
-    tmp = '.tmp'.join(os.path.splitext(path))
+    """write(tmp), synced to the disk, then renamed over path (tmp, named by this process, keeps
+    path's extension for savez, savefig and PIL): a kill or a power cut leaves the file there
+    before. Any failure, Ctrl-C too, removes tmp; a failed write (a full disk) is one line."""
+    tmp, folder = f'.tmp{os.getpid()}'.join(os.path.splitext(path)), os.path.dirname(path) or '.'
     try:
         write(tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if hasattr(os, 'O_DIRECTORY'):  # the rename, on POSIX
+            fd = os.open(folder, os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+        return
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        fail(f'could not write {path} ({str(e)[:100]}); the file there before is kept')
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save raises RuntimeError
+            raise
+        full = getattr(e, 'errno', 0) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 20
+        why = 'no space left on device' if full else getattr(e, 'strerror', 0) or str(e)[:100]
+    free = shutil.disk_usage(folder).free / 2 ** 20  # once the failed write let go of its file
+    fail(f'could not write {path} ({why}; {free:,.0f} MB free); the file there before is kept')
 
 def write_run_files(c):
     """config.json and a copy of this script, once the checkpoint and the data are accepted."""
@@ -640,9 +694,13 @@ def load_checkpoint(c):
     if not isinstance(ckpt, dict) or ckpt.get('script') != SCRIPT:
         fail(f'{path} was not written by {SCRIPT} (script: '
              f"{ckpt.get('script') if isinstance(ckpt, dict) else type(ckpt).__name__})")
-    bad = [f"{k} {ckpt['config'][k]!r} (flag {c[k]!r})" for k in ARCH if ckpt['config'][k] != c[k]]
+    if not isinstance(ckpt.get('config'), dict) or not isinstance(ckpt.get('step'), int):
+        fail(f'{path} lacks its config or step: not a whole checkpoint of {SCRIPT}')
+    bad = [f"{k} {ckpt['config'].get(k)!r} (flag {c[k]!r})" for k in ARCH
+           if ckpt['config'].get(k) != c[k]]
     if bad:
         fail(f"{path} has a different model: {', '.join(bad)}; pass the checkpoint's values")
+    RUN.update(saved=ckpt['step'], data=ckpt.get('data'))
     return ckpt
 
 def load_state(ckpt, dev, **objects):
@@ -655,18 +713,16 @@ def load_state(ckpt, dev, **objects):
 def save_checkpoint(c, step, **state):
     """ckpt.pt, written whole: the state_dict of each object that has one, the rest as it is."""
     ckpt = {k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in state.items()}
-    ckpt.update(step=step, config=c, script=SCRIPT)
+    ckpt.update(step=step, config=c, script=SCRIPT, data=RUN.get('data'))
     write_whole(checkpoint(c), lambda tmp: torch.save(ckpt, tmp))
 
-def last_checkpoint(path):
-    """What a stopped run leaves (every save checks first that the weights are finite)."""
-    try:
-        step = torch.load(path, 'cpu', weights_only=True, mmap=True)['step']
-        return f'the last good checkpoint, step {step}, is kept: {path}'
-    except FileNotFoundError:
-        return f'no checkpoint was saved ({path} does not exist)'
-    except Exception as e:  # a damaged file, or another script's
-        return f'the file at {path} is not a readable checkpoint ({type(e).__name__})'
+def kept(c):
+    """What a stopped run leaves, as it is on disk: the checkpoint this run last wrote (each save
+    checks first that the weights are finite) or resumed from; never an older run's as its own."""
+    if RUN.get('saved') is not None:
+        return f"the last good checkpoint, step {RUN['saved']}, is kept: {checkpoint(c)}"
+    old = f" ({checkpoint(c)}, an earlier run's, is as it was)" * os.path.exists(checkpoint(c))
+    return 'this run saved no checkpoint' + old
 
 class Boundary:
     """The training loop's step boundary, the one place that waits for the device. Each step add()s
@@ -679,6 +735,7 @@ class Boundary:
         self.scalers, self.scaled = scalers, scalers[0].is_enabled()
         self.rank, self.world = rank, world
         self.rows, self.curve, self.caught, self.s, self.t = [], [], [], step, time.time()
+        self.first = step
         self.path = checkpoint(c)
 
     def __enter__(self):
@@ -725,8 +782,8 @@ class Boundary:
             what = ', '.join(what) or (f"the weights' norm is {norm}" if not math.isfinite(norm)
                                        else "float16 overflows in every step (the GradScaler's "
                                        'scale fell under 2^-8)')
-            fail(f'{what} in steps {self.s + 1}-{step}; {last_checkpoint(self.path)}; try a lower '
-                 '--lr or --dtype float32')
+            fail(f'{what} in steps {self.s + 1}-{step}; {kept(c)}; ' + ('check the flags given'
+                 if self.s == self.first else 'try a lower --lr or --dtype float32'))
         if log:
             ms = (time.time() - self.t) / (step - self.s) * 1e3  # this window's; evals, saves out
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if sums.is_cuda else 0
@@ -742,17 +799,24 @@ class Boundary:
         pause = time.time()
         if self.rank == 0 and ev:
             evaluate(step)
-        if self.rank == 0 and (keep or halt):
-            save(step)
+        if keep or halt:
+            if self.rank == 0:
+                save(step)
+            RUN['saved'] = step
         if halt:
             why = signal.Signals(self.caught[0]).name if self.caught else 'a signal elsewhere'
             fail(f'interrupted at step {step} ({why}); saved {self.path}; go on with --resume true')
         self.t = time.time() if log else self.t + time.time() - pause
 
 def epoch_steps(ds, c, world):
-    """Steps in an epoch: DistributedSampler(drop_last) deals len // world rows to a process."""
+    """Steps in an epoch: DistributedSampler(drop_last) deals len // world rows to a process. A
+    resumed run whose data changed size (a file removed) goes on, saying so."""
     if not (n := len(ds) // world // (c['batch_size'] // world)):
         fail(f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
+    if RUN.get('data') not in (None, len(ds)) and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: the checkpoint's run had {RUN['data']:,} training examples, this data "
+              f'{len(ds):,}: from here on the data order and the epoch ({n} steps) are new')
+    RUN['data'] = len(ds)
     return n
 
 def batches(ds, c, dev, rank, world, first, stop, per_epoch):
@@ -781,7 +845,7 @@ def batches(ds, c, dev, rank, world, first, stop, per_epoch):
         yield from loader
     except OSError as e:  # from a worker, the last line of its traceback is __getitem__'s
         fail(f"{str(e).strip().splitlines()[-1].removeprefix('OSError: ')}; "
-             f'{last_checkpoint(checkpoint(c))}; replace the file and continue with --resume true')
+             f'{kept(c)}; replace the file and continue with --resume true')
     finally:  # the workers ignore SIGTERM, so multiprocessing's exit would wait for them forever
         getattr(loader, '_shutdown_workers', lambda: None)()
 
@@ -879,7 +943,7 @@ def fid_is(c, images, reference, dev):
             feature_extractor_weights_path=c['fid_weights'] or None)
     except Exception as e:  # most often offline, without --fid-weights
         fail(f'FID failed ({type(e).__name__}: {str(e)[:80]}); offline, pass --fid-weights '
-             f'weights-inception-2015-12-05-6726825d.pth; {last_checkpoint(checkpoint(c))}')
+             f'weights-inception-2015-12-05-6726825d.pth; {kept(c)}')
     return m['frechet_inception_distance'], m['inception_score_mean']
 
 

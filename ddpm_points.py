@@ -28,12 +28,14 @@ there needs --overwrite true or another --out-dir); medians of 3 runs on a 2-cor
     python ddpm_points.py --dataset stars --set-model stats --out-dir out/stats   # 4.5 min: rings
 """
 import argparse
+import errno
 import json
 import math
 import os
 import pathlib
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -455,6 +457,7 @@ def evaluate(model, source, train, betas, c, dev, generator, repeats):
 
 
 # ---- train ----
+SAVED = []  # the checkpoint this run wrote
 DEFAULTS = {'dino': (30_000, 60, 1024), 'circle': (3_000, 100, 1024), 'square': (3_000, 100, 1024),
             'moons': (3_000, 100, 1024), 'stars': (1024, 15, 8)}  # training items, epochs, batch
 
@@ -549,9 +552,18 @@ def train(c, dev, out):
     except KeyboardInterrupt:
         raise SystemExit(f'ddpm_points.py: interrupted at step {step} of {total}; a run saves its '
                          'model at its end, so this one saved none') from None
-    # saved before the figures, so a plotting failure (no pillow for --gif) keeps the trained model
+    # saved before the figures, so a plotting failure (no pillow for --gif) keeps the trained model;
+    # a stop signal meanwhile waits for the write
     ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), config=c, script='ddpm_points.py')
-    write_whole(os.path.join(out, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
+    caught, stops = [], (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda n, f: caught.append(n)) for s in stops]
+    try:
+        write_whole(os.path.join(out, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
+    finally:
+        [signal.signal(s, h) for s, h in zip(stops, old)]
+    SAVED.append(os.path.join(out, 'ckpt.pt'))
+    if caught:
+        raise KeyboardInterrupt
     if stars:
         print(f'eval | {len(set(nearest_star(x, data.cpu())[1]))} distinct nearest training stars '
               f'among {len(x)} generated | {profile_line(x)}')
@@ -620,17 +632,30 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
             tmp, save_all=True, append_images=frames[1:] + frames[-1:] * 10, duration=80))
 
 def write_whole(path, write):
-    """write(tmp), then tmp renamed over path (tmp keeps path's extension, for savez, savefig and
-    PIL): a kill leaves the file there before; a failed write (a full disk) stops with one line."""
-    tmp = '.tmp'.join(os.path.splitext(path))
+    """write(tmp), synced to the disk, then renamed over path (tmp, named by this process, keeps
+    path's extension for savez, savefig and PIL): a kill or a power cut leaves the file there
+    before. Any failure, Ctrl-C too, removes tmp; a failed write (a full disk) is one line."""
+    tmp, folder = f'.tmp{os.getpid()}'.join(os.path.splitext(path)), os.path.dirname(path) or '.'
     try:
         write(tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if hasattr(os, 'O_DIRECTORY'):  # the rename, on POSIX
+            fd = os.open(folder, os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+        return
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f'ddpm_points.py: could not write {path} ({str(e)[:100]}); the file there '
-                         'before is kept') from None
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save raises RuntimeError
+            raise
+        full = getattr(e, 'errno', 0) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 20
+        why = 'no space left on device' if full else getattr(e, 'strerror', 0) or str(e)[:100]
+    free = shutil.disk_usage(folder).free / 2 ** 20  # once the failed write let go of its file
+    raise SystemExit(f'ddpm_points.py: could not write {path} ({why}; {free:,.0f} MB free); the '
+                     'file there before is kept')
 
 def main(argv=None):
     c = get_config(argv)
@@ -649,10 +674,17 @@ def main(argv=None):
                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(c, indent=2)))
     write_whole(os.path.join(out, 'ddpm_points.py'), lambda tmp: shutil.copy(__file__, tmp))
     print(f'device {dev} | output {out}')
+    def stop(signum, frame):  # SIGTERM (a scheduler's notice) stops a run as Ctrl-C does
+        raise KeyboardInterrupt
+    SAVED.clear()
+    old = signal.signal(signal.SIGTERM, stop)
     try:
         train(c, dev, out)
-    except KeyboardInterrupt:  # while sampling or drawing: training saved its checkpoint
-        raise SystemExit(f'ddpm_points.py: interrupted; kept {out}/ckpt.pt') from None
+    except KeyboardInterrupt:  # outside the training loop, which says its step
+        kept = f'the trained model is saved: {SAVED[0]}' if SAVED else 'this run saved no model'
+        raise SystemExit(f'ddpm_points.py: interrupted; {kept}') from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == '__main__':

@@ -16,12 +16,14 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 from closed_form import (
+    bomb_png,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_posterior_is_bayes,
     check_q_sample_is_iterated_chain,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
+    check_stops_are_true,
     check_torchrun_matches_one_process,
     check_unknown_flag,
     exact_sampler_moments,
@@ -307,10 +309,17 @@ def test_nothing_is_lost(tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(d.main, run, ['--channels', '64'], monkeypatch, capsys)
 
 
+def test_stops_are_true(tmp_path, monkeypatch):
+    run = TINY + ['--dataset', 'shapes', '--image-size', '16', '--train-images', '64', '--max-steps', '4',
+                  '--out-dir', str(tmp_path)]
+    check_stops_are_true(d.main, run, 'figures', monkeypatch)
+
+
 def test_a_corrupt_image_is_named_when_its_batch_comes_up(tmp_path, capsys):
-    """A file that is not an image, then a truncated png (its header reads), in the second step's batch (by
-    the order batches() states): each stops the run with one line naming it when that batch comes up, the
-    checkpoint of step 1 kept; --resume continues once the file is replaced."""
+    """A file that is not an image, a truncated png (its header reads), then one over PIL's pixel limit, in the
+    second step's batch (by the order batches() states): each stops the run with one line naming it when that
+    batch comes up, the checkpoint of step 1 kept. --resume with the file removed goes on, saying that the data
+    changed size (and so its order and the epoch); with the file back it goes on to the end."""
     from torch.utils.data import DistributedSampler
     root = write_folder(str(tmp_path / 'd'), n=16)
     folder = ['--dataset', 'folder', '--data-dir', root, '--image-size', '16']
@@ -318,16 +327,22 @@ def test_a_corrupt_image_is_named_when_its_batch_comes_up(tmp_path, capsys):
     victim = ds.samples[list(DistributedSampler(range(len(ds)), 1, 0, seed=0, drop_last=True))[20]][0]
     run = TINY + folder + ['--out-dir', str(tmp_path / 'o'), '--workers', '1', '--epochs', '3', '--save-every', '1']
     data = open(victim, 'rb').read()
-    for bad, extra in ((b'not a png', []), (data[:len(data) // 2], ['--overwrite', 'true'])):
-        open(victim, 'wb').write(bad)
+    for bad, extra in ((b'not a png', []), (data[:len(data) // 2], ['--overwrite', 'true']), (None, ['--resume', 'true'])):
+        open(victim, 'wb').write(bad) if bad else bomb_png(victim)
         with pytest.raises(SystemExit) as e:
             d.main(run + extra)
         msg = str(e.value)
         assert msg.startswith(f'ddpm_cifar.py: {victim} cannot be decoded (') and '\n' not in msg, msg
         assert 'the last good checkpoint, step 1, is kept' in msg, msg
+    assert 'DecompressionBombError' in msg
+    os.remove(victim)
+    d.main(run + ['--resume', 'true'])  # 31 images, batch 16: 1 step an epoch, so the run ends at step 3
+    out = capsys.readouterr().out
+    assert "note: the checkpoint's run had 32 training examples, this data 31" in out and 'step 3/3' in out, out
     open(victim, 'wb').write(data)
     d.main(run + ['--resume', 'true'])
-    assert 'step 6/6' in capsys.readouterr().out  # 32 images, batch 16: 2 steps an epoch
+    out = capsys.readouterr().out
+    assert "had 31 training examples, this data 32" in out and 'step 6/6' in out, out  # 2 steps an epoch again
 
 
 def test_a_corrupt_image_met_by_one_torchrun_process_ends_the_run(tmp_path):

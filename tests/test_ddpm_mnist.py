@@ -21,6 +21,7 @@ from closed_form import (
     check_q_sample_is_iterated_chain,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
+    check_stops_are_true,
     check_torchrun_matches_one_process,
     check_truncated_mnist_is_named,
     check_unknown_flag,
@@ -197,6 +198,10 @@ def flags(data, out, *extra):
 
 def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(d.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch, capsys)
+
+
+def test_stops_are_true(data, tmp_path, monkeypatch):
+    check_stops_are_true(d.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
 
 
 def test_train_checkpoint_sample_only(data, tmp_path, capsys):

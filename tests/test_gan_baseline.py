@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 from closed_form import (
+    bomb_png,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
+    check_stops_are_true,
     check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
@@ -252,7 +254,7 @@ def test_float16_overflows_are_skipped_steps_and_divergence_still_stops(data, tm
 def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, capsys, monkeypatch):
     """An RGB folder at 16 pixels, bf16 autocast through the gradient penalty's double backward, spectral norm,
     DiffAugment; FID and IS through torch-fidelity with a stand-in for its Inception network (not on these
-    machines)."""
+    machines). An image over PIL's pixel limit in the folder stops a run with one line naming it."""
     from PIL import Image
     os.makedirs(tmp_path / 'imgs' / 'sub')
     rng = np.random.default_rng(0)
@@ -272,10 +274,21 @@ def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, 
              str(tmp_path / 'nofid'), '--channels', '8', '--batch-size', '8', '--epochs', '1', '--device', 'cpu', '--workers', '1'])
     assert 'step 5/5' in capsys.readouterr().out and (tmp_path / 'nofid' / 'samples.png').exists()  # was a traceback
     assert not (tmp_path / 'nofid' / 'fid.png').exists()  # nothing was measured, so no curve
+    bomb_png(tmp_path / 'imgs' / '0.png')  # over PIL's pixel limit: one line naming it (it was a traceback)
+    with pytest.raises(SystemExit) as e:
+        gb.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--out-dir',
+                 str(tmp_path / 'nofid'), '--overwrite', 'true', '--channels', '8', '--batch-size', '8', '--epochs', '1',
+                 '--device', 'cpu', '--workers', '1'])
+    assert f"{tmp_path / 'imgs' / '0.png'} cannot be decoded (DecompressionBombError" in str(e.value), str(e.value)
+    assert '\n' not in str(e.value)
 
 
 def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(gb.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '16'], monkeypatch, capsys)
+
+
+def test_stops_are_true(data, tmp_path, monkeypatch):
+    check_stops_are_true(gb.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
 
 
 def test_fid_without_torch_fidelity_fails_before_training(data, tmp_path, monkeypatch):

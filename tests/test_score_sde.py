@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from closed_form import (
+    bomb_png,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
+    check_stops_are_true,
     check_torchrun_matches_one_process,
     check_truncated_mnist_is_named,
     check_unknown_flag,
@@ -242,6 +244,10 @@ def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(s.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch, capsys)
 
 
+def test_stops_are_true(data, tmp_path, monkeypatch):
+    check_stops_are_true(s.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
+
+
 def test_train_resume_sample_only_eval(data, tmp_path, capsys):
     """16 steps at once, and 8 + 8 with --resume: the same weights; then samples.npz and every sampler's eval line."""
     s.main(flags(data, tmp_path / 'a'))
@@ -277,7 +283,8 @@ def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data, tmp_pa
 
 
 def test_vp_folder_bfloat16_run(tmp_path, capsys):
-    """An image folder (RGB, nested, resized to 16) with the VP SDE and bf16 autocast: data in [-1, 1]."""
+    """An image folder (RGB, nested, resized to 16) with the VP SDE and bf16 autocast: data in [-1, 1]. An image
+    over PIL's pixel limit in it stops the run with one line naming it."""
     from PIL import Image
     os.makedirs(tmp_path / 'imgs' / 'sub')
     rng = np.random.default_rng(0)
@@ -289,6 +296,13 @@ def test_vp_folder_bfloat16_run(tmp_path, capsys):
             '--n-samples', '4', '--steps', '3', '--sampler', 'em', '--device', 'cpu', '--workers', '1'])
     out = capsys.readouterr().out
     assert '40 folder images (3, 16, 16) in [-1, 1] | vp SDE' in out and 'bfloat16' in out and 'step 5/5' in out
+    bomb_png(tmp_path / 'imgs' / '0.png')  # over PIL's pixel limit: one line naming it (it was a traceback)
+    with pytest.raises(SystemExit) as e:
+        s.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--out-dir',
+                str(tmp_path / 'run'), '--overwrite', 'true', '--channels', '16', '--batch-size', '8', '--epochs', '1',
+                '--device', 'cpu', '--workers', '1'])
+    assert f"{tmp_path / 'imgs' / '0.png'} cannot be decoded (DecompressionBombError" in str(e.value), str(e.value)
+    assert '\n' not in str(e.value)
 
 
 def test_torchrun_two_processes_train_the_same_model_as_one(data, tmp_path):
