@@ -674,10 +674,8 @@ def main(argv=None):
                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(c, indent=2)))
     write_whole(os.path.join(out, 'ddpm_points.py'), lambda tmp: shutil.copy(__file__, tmp))
     print(f'device {dev} | output {out}')
-    def stop(signum, frame):  # SIGTERM (a scheduler's notice) stops a run as Ctrl-C does
-        raise KeyboardInterrupt
     SAVED.clear()
-    old = signal.signal(signal.SIGTERM, stop)
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop as Ctrl-C
     try:
         train(c, dev, out)
     except KeyboardInterrupt:  # outside the training loop, which says its step
