@@ -132,6 +132,7 @@ def check_config(c):
         (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
          '--sample-steps needs --sampler ddim (DDPM runs all T steps)'),
         (not 0 <= c['sample_steps'] <= c['timesteps'], f"0 <= --sample-steps <= {c['timesteps']}"),
+        (c['sampler'] == 'ddim' and c['noise_below'], "--noise-below is DDPM's; DDIM has --eta"),
         (min(c['points'], c['epochs'], c['batch_size'], c['noise_below']) < 0,
          '--points, --epochs, --batch-size and --noise-below are counts, 0 = default'),
         (min(c['hidden'], c['log_every']) < 1, '--hidden and --log-every must be at least 1'),
@@ -674,8 +675,8 @@ def write_whole(path, write):
 def main(argv=None):
     c = get_config(argv)
     c['target'] = c['target'] or ('v' if c['dataset'] == 'stars' else 'eps')
-    c['noise_below'] = c['noise_below'] or (30 if c['dataset'] == 'stars' else c['timesteps'])
     check_config(c)
+    c['noise_below'] = c['noise_below'] or (30 if c['dataset'] == 'stars' else c['timesteps'])
     dev, out = pick_device(c['device']), os.path.join(c['out_dir'], c['dataset'])
     torch.manual_seed(c['seed'])
     if os.path.exists(os.path.join(out, 'ckpt.pt')) and not c['overwrite']:  # before any write

@@ -358,6 +358,7 @@ def test_a_finished_run_is_never_lost(tmp_path, monkeypatch):
     (['--sampler', 'ddim', '--sample-steps', '500'], '0 <= --sample-steps <='),
     (['--epochs', '-1'], 'counts'),
     (['--noise-below', '-1'], '--noise-below'),
+    (['--sampler', 'ddim', '--noise-below', '30'], "--noise-below is DDPM's"),
     (['--log-every', '0'], '--log-every must be at least 1'),
     (['--hidden', '0'], '--hidden and --log-every'),
     (['--ema', '1.0'], '--ema'),
