@@ -328,7 +328,7 @@ def plot(path, c, true_stats, fwd, runs, w, m, p):
     ax[0, 1].hist(x_last.numpy(), bins=200, density=True, color='C0', alpha=0.6,
                   label=f'$x_T$, {len(x_last):,} chains')
     ax[0, 1].plot(grid, torch.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), 'k', label='N(0, 1)')
-    ax[0, 1].set(title=f'forward: $x_T$ at T = {T}', xlabel='$x_T$')
+    ax[0, 1].set(title=f'forward: $x_T$ at T = {T}', xlabel='$x_T$', ylabel='density')
     ax[0, 1].legend()
     ax[0, 2].plot(ts, true_stats[:, 1], 'k', lw=2, label='true')
     for j, name in enumerate(['exact', 'report', 'learned']):
@@ -345,7 +345,7 @@ def plot(path, c, true_stats, fwd, runs, w, m, p):
         ax[2, j].hist(x0.numpy(), bins=200, range=(xs[0].item(), xs[-1].item()), density=True,
                       color=f'C{j + 1}', alpha=0.6, label=f'$x_0$, {len(x0):,} samples')
         ax[2, j].plot(xs, pdf0, 'k', label='data density')
-        ax[2, j].set(title=f'reverse, {name}: $x_0$', xlabel='$x_0$')
+        ax[2, j].set(title=f'reverse, {name}: $x_0$', xlabel='$x_0$', ylabel='density')
         ax[2, j].legend()
     ax[0, 2].set(title='std of $x_t$: reverse processes vs the true marginal', xlabel='t',
                  ylabel='std', xlim=(T, 0))

@@ -76,9 +76,9 @@ fid = 0                       # samples scored by FID and IS at the end (or --sa
 fid_every = 0                 # epochs between FIDs during training; 0 = only at the end
 fid_weights = ''              # torch-fidelity's Inception weights, offline; '' = download once
 device = 'auto'               # a torch device ('cpu', 'cuda:1'), or 'auto': cuda, mps, cpu
-dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': auto = bf16 on CUDA
+dtype = 'auto'                # 'auto' | 'float32' | 'bfloat16' | 'float16': auto: bf16 if native
 compile = False               # torch.compile the training model
-resume = False                # continue from out_dir/ckpt.pt
+resume = False                # continue the run in out_dir: its config, changed by the flags given
 overwrite = False             # start over in an out_dir that holds a checkpoint
 sample_only = False           # load out_dir/ckpt.pt (EMA weights), write n_samples to samples.npz
 max_steps = 0                 # stop after this many steps (the lr schedule keeps its length)
@@ -534,7 +534,30 @@ def get_config(argv=None):
                         type=parse_bool if isinstance(default, bool) else type(default),
                         help=f'{note} [{default!r}]'.replace('%', '%%'))
     c, argv = vars(ap.parse_args(argv)), sys.argv[1:] if argv is None else argv
-    return finish_config(c, {a[2:].split('=')[0].replace('-', '_') for a in argv if a[:2] == '--'})
+    given = {a[2:].split('=')[0].replace('-', '_') for a in argv if a[:2] == '--'}
+    flags, c = set(c), finish_config(c, given)
+    return continued(c, given, flags) if c['resume'] or c['sample_only'] else c
+
+def continued(c, given, flags):
+    """--resume and --sample-only continue the run in --out-dir: its checkpoint's config, changed
+    only by the flags given now, each change printed. Where and how far it runs now (--device,
+    --out-dir, --max-steps) are this command's."""
+    try:
+        ckpt = torch.load(checkpoint(c), map_location='cpu', weights_only=True, mmap=True)
+        old, step = dict(ckpt['config']), int(ckpt['step'])
+    except Exception:  # none, or not this script's: load_checkpoint says which
+        return c
+    if 'preset' in given and c['preset'] != old.get('preset'):
+        fail(f"--preset {c['preset']}: the run in {c['out_dir']} is --preset {old.get('preset')}")
+    now = given | {'resume', 'sample_only', 'overwrite', 'out_dir', 'device', 'max_steps'}
+    now |= set(c) - flags  # and what finish_config derived from the flags given
+    new = old | {k: v for k, v in c.items() if k in now or k not in old}
+    changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in sorted(given)
+               if old.get(k, new[k]) != new[k] and k not in ('resume', 'sample_only')]
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"{'resuming' if c['resume'] else 'sampling'} {checkpoint(c)} (step {step}) with its "
+              f"config{'; changed: ' + ', '.join(changed) if changed else ''}")
+    return new
 
 def refuse(c, problems):
     """Stops at the first (bad, why): a float not finite (nan passes every comparison), two of
@@ -568,9 +591,12 @@ def setup(c):
     gloo), the out-dir made, or refused if it holds a run this one would replace."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     dev, ckpt = pick_device(c['device'], int(os.environ.get('LOCAL_RANK', 0))), checkpoint(c)
+    native, why = native_bf16(dev), ''
     if c['dtype'] == 'auto':
-        cuda_bf16 = dev.type == 'cuda' and torch.cuda.is_bf16_supported()
-        c['dtype'] = 'bfloat16' if cuda_bf16 else 'float32'
+        c['dtype'] = 'bfloat16' if native else 'float32'
+        why = f" (auto: {dev.type} {'has' if native else 'lacks'} native bfloat16)"
+    elif c['dtype'] == 'bfloat16' and not native:
+        why = ' (emulated on this device, several times slower than float32: try --dtype auto)'
     refuse(c, [(c['dtype'] == 'float16' and dev.type != 'cuda', '--dtype float16 needs CUDA'),
                (c['batch_size'] % world, f"--batch-size {c['batch_size']} won't split in {world}"),
                (c.get('fid') and not importlib.util.find_spec('torch_fidelity'),
@@ -591,8 +617,19 @@ def setup(c):
     RUN.clear()
     if rank == 0:
         lock_out_dir(c['out_dir'])
-        print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
+        print(f"device {dev} | dtype {c['dtype']}{why} | output {c['out_dir']}")
     return dev, rank, world
+
+def native_bf16(dev, cpuinfo='/proc/cpuinfo'):
+    """A CUDA GPU with bfloat16, or a CPU with AVX512-BF16 or AMX (Linux says so in cpuinfo):
+    elsewhere autocast emulates it (a 2-core AVX2 CPU: 10x slower than float32)."""
+    if dev.type != 'cpu':
+        return dev.type == 'cuda' and torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as f:
+            return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', f.read()))
+    except OSError:
+        return False
 
 def lock_out_dir(out):
     """One run an out-dir: an flock on out/.lock, held until the run ends (the OS drops it when the
@@ -699,7 +736,7 @@ def load_checkpoint(c):
     bad = [f"{k} {ckpt['config'].get(k)!r} (flag {c[k]!r})" for k in ARCH
            if ckpt['config'].get(k) != c[k]]
     if bad:
-        fail(f"{path} has a different model: {', '.join(bad)}; pass the checkpoint's values")
+        fail(f"{path} has a different model: {', '.join(bad)}; drop those flags to continue it")
     RUN.update(saved=ckpt['step'], data=ckpt.get('data'))
     return ckpt
 

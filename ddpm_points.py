@@ -529,7 +529,7 @@ def train(c, dev, out):
               f'points {floor:.4f} +- {floor_se:.4f}')
         marks = {int(e) for e in c['snapshots'].split(',') if e.strip() and 0 < int(e) < epochs}
         marks = sorted(marks | {epochs})
-    snaps, curve, step, t0 = {}, [], 0, time.time()
+    snaps, curve, step, seen, t0 = {}, [], 0, 0, time.time()
     try:  # the model is saved at the end: an interrupt before it keeps nothing of this run
         for epoch in range(1, epochs + 1):
             for idx in torch.randperm(len(data), generator=g, device=dev).split(batch):
@@ -545,7 +545,7 @@ def train(c, dev, out):
                 loss.backward()
                 opt.step()
                 sched.step()
-                step += 1
+                step, seen = step + 1, seen + x0[..., 0].numel()  # points/s: partial batches too
                 with torch.no_grad():  # warm-up: the average covers at most the steps taken so far
                     for pe, pm in zip(ema.parameters(), model.parameters()):
                         pe.lerp_(pm, 1 - min(c['ema'], (1 + step) / (10 + step)))
@@ -554,7 +554,7 @@ def train(c, dev, out):
                     ms = (time.time() - t0) / step * 1e3
                     print(f"step {step}/{total} | loss {np.mean(curve[-c['log_every']:]):.4f} | lr "
                           f'{sched.get_last_lr()[0]:.1e} | {ms:.2f} ms/step | '
-                          f'{x0[..., 0].numel() / ms * 1e3:,.0f} points/s | '
+                          f'{seen / step / ms * 1e3:,.0f} points/s | '
                           f'eta {ms * (total - step) / 6e4:.1f}m')
             if epoch in marks:
                 repeats = c['eval_repeats'] if epoch == epochs else min(2, c['eval_repeats'])
@@ -613,7 +613,7 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     for a, t in zip(ax, [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]):
         a.scatter(*q_sample(x0, alphas_cumprod[t], torch.randn(x0.shape)).T, **kw)
         a.set(title=f'forward q(x_t | x_0), t = {t + 1}', xlim=(-3, 3), ylim=(-3, 3),
-              aspect='equal')
+              aspect='equal', xlabel='x (standardised)', ylabel='y')
     fig.tight_layout()
     write_whole(os.path.join(out, 'forward.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     fig, ax = plt.subplots(1, len(snaps) + 2, figsize=(3 * (len(snaps) + 2), 3.3))
@@ -626,7 +626,7 @@ def plot_shape(out, c, shape, betas, model, snaps, curve, dev, g):
     ax[-1].set(title='training loss (mean of 100 steps)', xlabel='step', ylabel='loss',
                yscale='log', aspect='auto')
     for a in ax[:-1]:
-        a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal')
+        a.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xlabel='x (standardised)', ylabel='y')
     fig.tight_layout()
     write_whole(os.path.join(out, 'samples.png'), lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close('all')

@@ -91,3 +91,19 @@ def test_a_script_imports_no_sibling_so_a_copy_runs_alone(name):
     imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & set(SCRIPTS), imported & set(SCRIPTS)
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_every_choice_flag_refuses_a_value_outside_its_list(name, capsys):
+    """A constant whose comment lists its values ('a' | 'b', anywhere in the comment) is a flag that takes only
+    those: an unknown value is argparse's one usage error (exit 2) naming the choices, never a silent default."""
+    module = load(os.path.join(HERE, f'{name}.py'), name)
+    block = open(os.path.join(HERE, f'{name}.py')).read().split('# ---- config ----\n')[1].split('\n# ----')[0]
+    listed = re.findall(r"^([a-z_][a-z0-9_]*) *=.*#.*?'[^']*' *\| *'", block, re.M)
+    assert listed
+    for key in listed:
+        flag = '--' + key.replace('_', '-')
+        with pytest.raises(SystemExit) as e:
+            module.get_config([flag, 'no-such-choice'])
+        assert e.value.code == 2, flag
+        assert f"argument {flag}: invalid choice: 'no-such-choice'" in capsys.readouterr().err, flag

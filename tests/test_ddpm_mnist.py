@@ -3,6 +3,7 @@ U-Net's shapes, and tiny CPU runs of main() on a few hundred synthetic digits wr
 file format (so torchvision's loader runs): checkpoint, exact resume after SIGKILL, SIGINT and SIGTERM,
 DDP equivalence, bad input.
 Monte Carlo checks allow Z standard errors computed from the sample size."""
+import json
 import math
 import os
 import signal
@@ -257,9 +258,46 @@ def test_torchrun_two_processes_train_the_same_model_as_one(data, tmp_path):
     check_torchrun_matches_one_process(os.path.join(HERE, 'ddpm_mnist.py'), run, tmp_path, 29517, 5)
 
 
-def test_bfloat16_autocast_on_cpu(data, tmp_path, capsys):
-    d.main(flags(data, tmp_path, '--dtype', 'bfloat16', '--epochs', '1', '--n-samples', '2'))
-    assert 'bfloat16' in capsys.readouterr().out and ckpt_step(tmp_path / 'ckpt.pt') == 8
+def test_resume_and_sample_only_continue_the_checkpoints_run(data, tmp_path, capsys):
+    """--resume true with only where to find the run takes the checkpoint's config (bfloat16, its lr, its TINY
+    network), applies just the flags given and prints each change; config.json is the continued run's. A new
+    --preset is refused; --sample-only needs no network flags either."""
+    d.main(flags(data, tmp_path, '--dtype', 'bfloat16', '--lr', '1e-3', '--max-steps', '4', '--n-samples', '2'))
+    where = ['--out-dir', str(tmp_path), '--device', 'cpu', '--data-dir', data]
+    capsys.readouterr()
+    d.main(where + ['--resume', 'true', '--max-steps', '6', '--epochs', '3'])
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'ckpt.pt'} (step 4) with its config; changed: --epochs 2 -> 3, " \
+           '--max-steps 4 -> 6\n' in out, out
+    assert 'dtype bfloat16 (emulated' in out or 'dtype bfloat16 |' in out, out  # the run's dtype, not the default
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    want = d.get_config(flags(data, tmp_path, '--dtype', 'bfloat16', '--lr', '1e-3', '--max-steps', '6', '--epochs', '3',
+                              '--n-samples', '2'))
+    assert ckpt['step'] == 6 and ckpt['config'] == want | {'resume': True}, ckpt['config']
+    assert json.loads((tmp_path / 'config.json').read_text()) == ckpt['config']
+    with pytest.raises(SystemExit) as e:
+        d.main(where + ['--resume', 'true', '--preset', 'gpu'])
+    assert str(e.value) == f'ddpm_mnist.py: --preset gpu: the run in {tmp_path} is --preset cpu'
+    d.main(where + ['--sample-only', 'true', '--n-samples', '3'])
+    assert 'sampling' in capsys.readouterr().out and np.load(tmp_path / 'samples.npz')['images'].shape[0] == 3
+
+
+def test_auto_dtype_is_bfloat16_only_where_native(tmp_path, capsys):
+    """--dtype auto (the default): bfloat16 on a CPU whose cpuinfo lists avx512_bf16 or amx_bf16, float32 on the
+    others (autocast emulates bf16 there, 10x slower) and without a cpuinfo; the run says what it chose and why.
+    (bfloat16 itself runs on the CPU in test_resume_and_sample_only_continue_the_checkpoints_run.)"""
+    info, cpu = tmp_path / 'cpuinfo', torch.device('cpu')
+    for listed, native in (('fma avx2', False), ('avx2 avx512f avx512_bf16', True), ('avx2 amx_bf16 amx_tile', True),
+                           ('avx2 avx512_bf16x', False)):
+        info.write_text(f'processor\t: 0\nflags\t\t: {listed}\n')
+        assert d.native_bf16(cpu, str(info)) == native, listed
+    assert not d.native_bf16(cpu, str(tmp_path / 'none'))
+    c = d.get_config(['--device', 'cpu', '--out-dir', str(tmp_path / 'run')])
+    assert c['dtype'] == 'auto'
+    d.setup(c)
+    here = d.native_bf16(cpu)
+    assert c['dtype'] == ('bfloat16' if here else 'float32')
+    assert f"dtype {c['dtype']} (auto: cpu {'has' if here else 'lacks'} native bfloat16) |" in capsys.readouterr().out
 
 
 def test_eval_prints_its_figures(data, tmp_path, capsys):

@@ -4,6 +4,7 @@ short CPU runs of main(). Monte Carlo checks allow Z standard errors computed fr
 import json
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -266,9 +267,16 @@ def test_star_traits_stray_points_and_variety_of_real_stars():
 
 def test_main_shape_run(tmp_path, capsys):
     d.main(['--dataset', 'circle', '--points', '600', '--epochs', '3', '--snapshots', '1', '--timesteps', '20',
-            '--eval-points', '200', '--eval-repeats', '2', '--out-dir', str(tmp_path)])
+            '--batch-size', '400', '--log-every', '2', '--eval-points', '200', '--eval-repeats', '2',
+            '--out-dir', str(tmp_path)])
     out = capsys.readouterr().out
     assert 'eval | floor' in out and out.count('eval | epoch') == 2
+    # each epoch is a step of 400 points and one of 200: the progress line at an epoch's end counts both (300 a
+    # step), not the last batch's 200; ms/step and points/s are printed rounded, to far better than 2%
+    speeds = re.findall(r'([\d.]+) ms/step \| ([\d,]+) points/s', out)
+    assert len(speeds) == 3
+    for ms, rate in speeds:
+        assert abs(float(ms) * float(rate.replace(',', '')) / 1e3 / 300 - 1) < 0.02, (ms, rate)
     run = tmp_path / 'circle'
     for f in ('samples.png', 'forward.png', 'config.json', 'ddpm_points.py', 'ckpt.pt'):
         assert (run / f).exists(), f
