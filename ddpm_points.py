@@ -329,7 +329,7 @@ def sample(model, shape, betas, steps=0, method='ddpm', sigma='beta_tilde', eta=
             snaps[t] = x.cpu()
     return x, snaps
 
-def sliced_w1(a, b, n_dirs=256, seed=0):
+def sliced_w1(a, b, seed=0, n_dirs=256):
     """Mean over n_dirs fixed random directions of the 1D Wasserstein-1 distance between the
     projections of two equal-size point sets a, b (N, 2): sorted projections, mean |difference|."""
     g = torch.Generator().manual_seed(seed)
