@@ -292,6 +292,7 @@ def stop_in(main, stage, monkeypatch, sig=signal.SIGINT, first=0):
     its call number first (0-based), the calls before it go through."""
     module, calls = sys.modules[main.__module__], []
     real = getattr(module, stage)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a shell's `cmd &` ignores it)
 
     def signalled(*a, **k):
         calls.append(1)

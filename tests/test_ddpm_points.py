@@ -272,7 +272,7 @@ def test_main_shape_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'eval | floor' in out and out.count('eval | epoch') == 2
     scores = re.findall(r'eval \| epoch \d+ \| step \d+ \| sliced W1 (\S+) \+- (\S+) \| (\S+)x floor', out)
-    assert len(scores) == 2 and all(0 < float(v) < 10 for row in scores for v in row), scores  # finite and positive
+    assert len(scores) == 2 and all(0 < float(v) < math.inf for row in scores for v in row), scores  # not nan
     # each epoch is a step of 400 points and one of 200: the progress line at an epoch's end counts both (300 a
     # step), not the last batch's 200; ms/step and points/s are printed rounded, to far better than 2%
     speeds = re.findall(r'([\d.]+) ms/step \| ([\d,]+) points/s', out)
