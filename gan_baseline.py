@@ -628,11 +628,8 @@ def native_bf16(dev, cpuinfo='/proc/cpuinfo'):
     elsewhere autocast emulates it (a 2-core AVX2 CPU: 10x slower than float32)."""
     if dev.type != 'cpu':
         return dev.type == 'cuda' and torch.cuda.is_bf16_supported()
-    try:
-        with open(cpuinfo) as f:
-            return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', f.read()))
-    except OSError:
-        return False
+    flags = open(cpuinfo).read() if os.path.isfile(cpuinfo) else ''
+    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
 
 def lock_out_dir(out):
     """One run an out-dir: an flock on out/.lock, held until the run ends (the OS drops it when the
