@@ -21,10 +21,10 @@ Chamfer distance to the nearest training star, the distinct nearest neighbours, 
 spread and tips (a blob or a ring can't fake them), stray points, and the variety of the stars.
 
 Run (figures, config.json and a copy of this file go to out/ddpm_points/<dataset>; a second run
-there needs --overwrite true or another --out-dir); medians of 3 runs (stars: 1) on a 2-core CPU:
-    python ddpm_points.py --dataset dino     # 51 s: sliced W1 1.36x its floor
-    python ddpm_points.py --dataset circle   # 33 s: 1.17x (square: 34 s, 1.19x)
-    python ddpm_points.py --dataset stars    # 11 min: tips .183 (real .182), spread .072 (.067)
+there needs --overwrite true or another --out-dir); medians of 2 runs on a 2-core CPU:
+    python ddpm_points.py --dataset dino     # 53 s: sliced W1 1.36x its floor
+    python ddpm_points.py --dataset circle   # 40 s: 1.17x (square: 41 s, 1.19x)
+    python ddpm_points.py --dataset stars    # 7 min: tips .183 (real .182), spread .072 (.067)
     python ddpm_points.py --dataset stars --set-model stats --epochs 15 --out-dir out/stats  # 4 min
 """
 import argparse
@@ -440,18 +440,24 @@ def stray(stars, k=4):
     d = torch.stack([torch.cdist(s, s).topk(k + 1, largest=False).values[:, -1] for s in stars])
     return (d > 3 * d.median(1, keepdim=True).values).float().mean(1).numpy()
 
-def variety(traits, ref):
-    """Per star, the mean of its traits' squared z-scores against those of real stars (ref): 1 on
-    average for stars as varied as the real ones, less for stars collapsed to a typical one."""
-    return (((traits - ref.mean(0)) / ref.std(0)) ** 2).mean(1)
+def variety(traits, ref, draws=200):
+    """How varied the stars are: each trait's std over the real stars' (ref), 1 for stars as varied
+    as the real ones, less for stars collapsed toward a typical one; a shifted mean (tips too
+    sharp) does not count, tips and spread show it. The five ratios, their mean, and its standard
+    error from `draws` bootstrap resamplings of the stars."""
+    ratios = lambda x: x.std(0, ddof=1) / ref.std(0, ddof=1)
+    rng = np.random.default_rng(0)
+    boot = [ratios(traits[rng.integers(0, len(traits), len(traits))]).mean() for _ in range(draws)]
+    return ratios(traits), ratios(traits).mean(), float(np.std(boot, ddof=1))
 
 def profile_line(stars, ref):
     spread, tips, traits = radial_profile(stars)
-    k = np.bincount(traits[:, 0].astype(int).clip(4, 9), minlength=10)[4:]
+    k = '/'.join(map(str, np.bincount(traits[:, 0].astype(int).clip(4, 9), minlength=10)[4:]))
+    ratios, v, v_se = variety(traits, ref)
+    each = ', '.join(f'{n} {r:.2f}' for n, r in zip(('k', 'ratio', 'size', 'x', 'y'), ratios))
     return ' | '.join(f'{name} {m:.3f} +- {se:.3f}' for name, (m, se) in zip(
-        ('radial spread', 'tips', 'stray', 'variety'),
-        map(mean_se, (spread, tips, stray(stars), variety(traits, ref))))) + \
-        f" | tip counts <5/5/6/7/8/>8 {'/'.join(map(str, k))}"
+        ('radial spread', 'tips', 'stray'), map(mean_se, (spread, tips, stray(stars))))) + \
+        f" | variety {v:.2f} +- {v_se:.2f} ({each}) | tip counts <5/5/6/7/8/>8 {k}"
 
 def sample_items(model, c, shape, betas, dev, generator):
     n = 8 if len(shape) == 3 and dev.type == 'cpu' else shape[0]  # 8 stars at a time: 2x faster
