@@ -23,7 +23,7 @@ authors' toy code uses 0.1, which covered 25, 24, 20 on seeds 0-2, against 25, 2
 Evals every --fid-every epochs: modes (toy); on MNIST the judge below; with --fid N, FID and IS.
 
 Run (times on a 2-core CPU; the README has the figures):
-    python gan_baseline.py --dataset grid25 --loss wgan-gp         # 25/25 modes, 3.6 min
+    python gan_baseline.py --dataset grid25 --loss wgan-gp         # 25/25 modes, 2.6 min
     python gan_baseline.py --dataset grid25 --loss bce             # the plain GAN
     python gan_baseline.py                                         # DCGAN digits (MNIST)
     python gan_baseline.py --dataset cifar10 --loss hinge --spectral-norm true --fid 10000
