@@ -441,10 +441,9 @@ def stray(stars, k=4):
     return (d > 3 * d.median(1, keepdim=True).values).float().mean(1).numpy()
 
 def variety(traits, ref, draws=200):
-    """How varied the stars are: each trait's std over the real stars' (ref), 1 for stars as varied
-    as the real ones, less for stars collapsed toward a typical one; a shifted mean (tips too
-    sharp) does not count, tips and spread show it. The five ratios, their mean, and its standard
-    error from `draws` bootstrap resamplings of the stars."""
+    """Each trait's std over the real stars' (ref): 1 for stars as varied as the real ones, less for
+    stars collapsed toward a typical one (a shifted mean is for tips and spread to show). The five
+    ratios, their mean, and its bootstrap standard error over `draws` resamplings of the stars."""
     ratios = lambda x: x.std(0, ddof=1) / ref.std(0, ddof=1)
     rng = np.random.default_rng(0)
     boot = [ratios(traits[rng.integers(0, len(traits), len(traits))]).mean() for _ in range(draws)]
