@@ -25,7 +25,7 @@ there needs --overwrite true or another --out-dir); medians of 2 runs on a 2-cor
     python ddpm_points.py --dataset dino     # 73 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 53 s: 1.17x (square: 1.19x)
     python ddpm_points.py --dataset stars    # 11 min: tips .183 (real .182), spread .072 (.067)
-    python ddpm_points.py --dataset stars --set-model stats --epochs 15 --out-dir out/stats  # 4 min
+    python ddpm_points.py --dataset stars --set-model stats --epochs 15 --out-dir out/stats  # 4 min, 1 run
 """
 import argparse
 import errno
@@ -444,10 +444,9 @@ def variety(traits, ref, draws=200):
     """Each trait's std over the real stars' (ref): 1 for stars as varied as the real ones, less for
     stars collapsed toward a typical one (a shifted mean is for tips and spread to show). The five
     ratios, their mean, and its bootstrap standard error over `draws` resamplings of the stars."""
-    ratios = lambda x: x.std(0, ddof=1) / ref.std(0, ddof=1)
-    rng = np.random.default_rng(0)
+    ratios, rng = lambda x: x.std(0, ddof=1) / ref.std(0, ddof=1), np.random.default_rng(0)
     boot = [ratios(traits[rng.integers(0, len(traits), len(traits))]).mean() for _ in range(draws)]
-    return ratios(traits), ratios(traits).mean(), float(np.std(boot, ddof=1))
+    return (r := ratios(traits)), r.mean(), float(np.std(boot, ddof=1))
 
 def profile_line(stars, ref):
     spread, tips, traits = radial_profile(stars)
