@@ -21,11 +21,11 @@ Chamfer distance to the nearest training star, the distinct nearest neighbours, 
 spread and tips (a blob or a ring can't fake them), stray points, and the variety of the stars.
 
 Run (figures, config.json and a copy of this file go to out/ddpm_points/<dataset>; a second run
-there needs --overwrite true or another --out-dir); medians of 2 runs on a 2-core AVX2 CPU:
+there needs --overwrite true or another --out-dir); medians of 2 (stats: 1) on a 2-core AVX2 CPU:
     python ddpm_points.py --dataset dino     # 73 s: sliced W1 1.36x its floor
     python ddpm_points.py --dataset circle   # 53 s: 1.17x (square: 1.19x)
     python ddpm_points.py --dataset stars    # 11 min: tips .183 (real .182), spread .072 (.067)
-    python ddpm_points.py --dataset stars --set-model stats --epochs 15 --out-dir out/stats  # 4 min, 1 run
+    python ddpm_points.py --dataset stars --set-model stats --epochs 15 --out-dir out/stats  # 4 min
 """
 import argparse
 import errno
