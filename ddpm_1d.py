@@ -1,5 +1,5 @@
 """
-Forward and reverse diffusion of a known 1D distribution: exact, the seed report's kernel, learned.
+Forward and reverse diffusion of a known 1D distribution: exact, a course report's kernel, learned.
 
 DDPM (Ho et al. 2020, arXiv:2006.11239) on x0 ~ N(m, p^2), or a two-component Gaussian mixture.
 Forward: q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t), alpha_t = 1 - beta_t (eq. 2), and in
@@ -9,7 +9,7 @@ alpha_s (eq. 4). Arrays are indexed by t = 0..T with beta_0 = 0, so abar_0 = 1 a
 Three reverse processes, all run from t = T down to 0:
   exact    the true reverse kernel q(x_{t-1} | x_t), derived below, started from the true q(x_T).
            It reproduces the forward marginal q(x_t) at every t, not only at t = 0.
-  report   the seed report's kernel: the posterior q(x_{t-1} | x_t, x0) (eqs. 6-7) with x0
+  report   a course report's kernel: the posterior q(x_{t-1} | x_t, x0) (eqs. 6-7) with x0
            replaced by m in the mean and p^2 added to its variance beta_tilde_t, started from
            q(x_T). At t = 1 it draws x0 ~ N(m, p^2) whatever x_1 is, so its x0 histogram looks
            right while every intermediate marginal is off: the drift table shows by how much.
@@ -176,7 +176,7 @@ def true_reverse_mean_var(x, t, betas, alphas_cumprod, m, p):
             betas[t] * var_prev / var_t)
 
 def report_reverse_mean_var(x, t, betas, alphas_cumprod, mean0, var0):
-    """The seed report's kernel: eq. 7 at x0 = mean0 (the data's mean), variance
+    """A course report's kernel: eq. 7 at x0 = mean0 (the data's mean), variance
     beta_tilde_t + var0."""
     mean, var = q_posterior_mean_var(mean0, x, t, betas, alphas_cumprod)
     return mean, var + var0

@@ -242,7 +242,7 @@ class SetDenoiser(nn.Module):
     the two nearest), convolves along the ring of sectors (dilations 1, 2, 4, 8: the last block
     sees the whole turn) and hands each point its sectors' result; O(N), it sees a star's radius as
     a function of angle. t scales and shifts each block's features (FiLM, as DiT's adaLN does).
-    'stats' (the seed report): a per-point MLP also fed the set's mean and variance."""
+    'stats' (a course report's): a per-point MLP also fed the set's mean and variance."""
     def __init__(self, mode='polar', hidden=128, layers=4, emb=32, emb_scale=25.0, sectors=64):
         super().__init__()
         self.mode, self.emb, self.scale, self.sectors = mode, emb, emb_scale, sectors
