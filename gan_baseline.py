@@ -438,7 +438,9 @@ def train(c, dev, rank, world):
                 update(g_loss, G, opt_g, scaler_g)
                 D.requires_grad_(True)
                 n = (step + 1) // c['n_critic']  # warm-up: the average covers the G steps so far
-                torch._foreach_lerp_(ema_params, g_params, 1 - min(c['ema'], (1 + n) / (10 + n)))
+                with torch.no_grad():  # else the average keeps a graph of every step
+                    w = 1 - min(c['ema'], (1 + n) / (10 + n))
+                    torch._foreach_lerp_(ema_params, g_params, w)
                 if g_buffers:  # batch norm's running statistics
                     torch._foreach_copy_(ema_buffers, g_buffers)
             step += 1

@@ -113,6 +113,16 @@ def check_unknown_flag(get_config, capsys):
     assert e.value.code == 2 and 'unrecognized arguments: --epoch' in capsys.readouterr().err
 
 
+def check_the_average_keeps_no_graph(module, argv):
+    """The EMA weights train() returns are plain tensors: an average updated under autograd (its lerp reads the
+    trained weights, which require grad) chains every step onto its weights, a graph as long as the run that holds
+    memory and that each gradient through the sampled model walks (the likelihood ODE slowed to a halt after a run)."""
+    c = module.get_config(argv)
+    module.check_config(c)
+    model = module.train(c, *module.setup(c))[0]
+    assert all(p.grad_fn is None and not p.requires_grad for p in model.parameters())
+
+
 def check_stop_signal_saves(script, argv, ckpt, at_step, sig):
     """Runs script with argv in a process group of its own and, once it prints 'step {at_step}/', sends sig to the
     whole group, as a terminal's Ctrl-C (SIGINT) or a cluster scheduler (SIGTERM) does: DataLoader and compile workers

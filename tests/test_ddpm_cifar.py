@@ -24,6 +24,7 @@ from closed_form import (
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_stops_are_true,
+    check_the_average_keeps_no_graph,
     check_torchrun_matches_one_process,
     check_unknown_flag,
     exact_sampler_moments,
@@ -273,6 +274,11 @@ def test_shapes_are_labelled_by_their_brightest_channel():
 # ---- tiny runs of main() ----
 TINY = ['--preset', 'tiny', '--channel-mults', '1,2,2', '--batch-size', '16', '--timesteps', '50', '--sample-steps', '5',
         '--log-every', '2', '--n-samples', '6', '--device', 'cpu']
+
+
+def test_the_average_keeps_no_graph(tmp_path):
+    check_the_average_keeps_no_graph(d, TINY + ['--dataset', 'shapes', '--image-size', '16', '--max-steps', '3',
+                                               '--out-dir', str(tmp_path)])
 
 
 def test_train_resume_guide_interpolate_sample_only_fid(cifar, skip_md5, tmp_path, capsys, monkeypatch):

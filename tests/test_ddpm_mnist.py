@@ -23,6 +23,7 @@ from closed_form import (
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_stops_are_true,
+    check_the_average_keeps_no_graph,
     check_torchrun_matches_one_process,
     check_truncated_mnist_is_named,
     check_unknown_flag,
@@ -203,6 +204,10 @@ def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
 
 def test_stops_are_true(data, tmp_path, monkeypatch):
     check_stops_are_true(d.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
+
+
+def test_the_average_keeps_no_graph(data, tmp_path):
+    check_the_average_keeps_no_graph(d, flags(data, tmp_path, '--max-steps', '3'))
 
 
 def test_train_checkpoint_sample_only(data, tmp_path, capsys):

@@ -18,6 +18,7 @@ from closed_form import (
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
     check_stops_are_true,
+    check_the_average_keeps_no_graph,
     check_truncated_mnist_is_named,
     check_unknown_flag,
     ckpt_step,
@@ -176,6 +177,10 @@ def data(tmp_path_factory):
 
 def flags(data, out, *extra):
     return TINY + ['--data-dir', data, '--out-dir', str(out)] + list(extra)
+
+
+def test_the_average_keeps_no_graph(data, tmp_path):
+    check_the_average_keeps_no_graph(gb, flags(data, tmp_path, '--max-steps', '3', '--ema', '0.9'))
 
 
 @pytest.mark.parametrize('loss', ['bce', 'wgan-gp'])
