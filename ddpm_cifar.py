@@ -439,8 +439,7 @@ def train(c, dev, rank, world):
             scaler.step(opt)
             scaler.update()
             step += 1
-            # EMA, one fused op, outside autograd (else the average keeps a graph of every step);
-            # warm-up: the average covers at most the steps taken so far
+            # EMA, no autograd record (else a graph of every step); warm-up: covers the steps so far
             with torch.no_grad():
                 w = 1 - min(c['ema'], (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema_params, params, w)
