@@ -1,26 +1,19 @@
 """
 DDPM on MNIST: a small U-Net that trains to clean, balanced digits on a CPU and measures itself.
 
-DDPM (Ho et al. 2020, arXiv:2006.11239): the simple loss |eps - eps_theta(x_t, t)|^2 (eq. 14), or v
-(Salimans & Ho 2022) with --pred v, weighted by min-SNR (Hang et al. 2023); the cosine schedule
-(Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999) or the linear one; ancestral sampling
-(Algorithm 2) and DDIM (Song et al. 2020, eq. 12) on a respaced subset of the steps. t = 0..T-1
-stands for the papers' 1..T. The cpu preset folds each 2x2 block of pixels into 4 channels (pixel
-unshuffle, exactly invertible), so its U-Net runs at 14 and 7 for a quarter of the cost; the gpu
-preset (--patch 1) runs at 28, 14 and 7. --eval scores N samples with the MNIST judge (below: no
-Inception weights needed), then the negative ELBO in bits/dim on test images: L_T + sum_t L_{t-1}
-+ L_0 (eq. 5), L_0 the discretised Gaussian over 256 bins (eq. 13).
+DDPM (Ho et al. 2020): the loss |eps - eps_theta(x_t, t)|^2 (eq. 14), or v (Salimans & Ho 2022)
+with --pred v, weighted by min-SNR (Hang et al. 2023); the cosine (Nichol & Dhariwal eq. 17) or
+linear schedule; ancestral sampling (Algorithm 2) and DDIM (Song et al. 2020, eq. 12). t = 0..T-1
+stands for the papers' 1..T. The cpu preset folds 2x2 pixels into 4 channels (pixel unshuffle), so
+its U-Net runs at 14 and 7. --eval scores samples with the MNIST judge (below), then the negative
+ELBO in bits/dim on test images (eq. 5, L_0 the discretised Gaussian of eq. 13).
 
-Run (times on a 2-core CPU):
-    python ddpm_mnist.py --eval true                              # cpu preset: 26 min training
+    python ddpm_mnist.py --eval true                              # CPU: 26 min training
     python ddpm_mnist.py --preset gpu                             # a wider U-Net, 100 epochs
     torchrun --nproc_per_node=2 ddpm_mnist.py --preset gpu        # DDP; --batch-size is global
     python ddpm_mnist.py --sample-only true --n-samples 1000      # samples.npz and a grid
-    python ddpm_mnist.py --sample-only true --eval true --sampler ddpm --sample-steps 0   # T steps
-    python ddpm_mnist.py --resume true                            # continue exactly
 """
 import argparse
-import errno
 import importlib.util
 import json
 import math
@@ -30,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from datetime import timedelta
 
 import numpy as np
@@ -91,36 +84,16 @@ ARCH = ('patch', 'channels', 'channel_mults', 'res_blocks', 'attn_res', 'schedul
 def finish_config(c, given):
     return c | {k: v for k, v in PRESETS.get(c['preset'], {}).items() if k not in given}
 
-def check_config(c):
-    """One line saying what is wrong and what would work, for flags a run cannot use."""
-    mults, side = c['channel_mults'].split(','), 28 // max(c['patch'], 1)
-    refuse(c, [
-        (not all(m.strip().isdigit() and int(m) > 0 for m in mults),
-         "--channel-mults takes positive integers like '1,2,2'"),
-        (c['patch'] not in (1, 2, 4, 7), '--patch must divide 28: 1, 2, 4 or 7'),
-        (side % 2 ** (len(mults) - 1),
-         f'--channel-mults: {len(mults)} levels would halve {side} pixels {len(mults) - 1} times'),
-        (not re.fullmatch(r'(\d+(,\d+)*)?', c['attn_res'].replace(' ', '')),
-         "--attn-res takes resolutions like '7' or '14,7'"),
-        (c['channels'] % 8 or c['channels'] <= 0, '--channels must be a positive multiple of 8'),
-        (c['timesteps'] < 2 or not 0 < c['beta_start'] < c['beta_end'] < 1,
-         'need --timesteps >= 2 and 0 < --beta-start < --beta-end < 1'),
-        (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
-         '--sample-steps needs --sampler ddim (DDPM runs all T steps)'),
-        (not 0 <= c['sample_steps'] <= c['timesteps'], '--sample-steps must be 0..--timesteps'),
-        (min(c['epochs'], c['batch_size'], c['n_samples'], c['save_every'], c['log_every']) < 1,
-         '--epochs, --batch-size, --n-samples, --save-every and --log-every must be >= 1'),
-        (min(c['train_images'], c['max_steps'], c['elbo_images'], c['warmup'], c['min_snr']) < 0,
-         '--train-images, --max-steps, --elbo-images, --warmup and --min-snr must be >= 0'),
-        (c['eval_samples'] < 20, '--eval-samples must be at least 20 (a histogram of 10 classes)'),
-        (not (c['lr'] > 0 and 0 <= c['ema'] < 1 and 0 <= c['eta'] <= 1 and 0 <= c['dropout'] < 1
-              and c['grad_clip'] >= 0 and c['weight_decay'] >= 0), 'need --lr > 0, 0 <= --ema < 1,'
-         ' 0 <= --eta <= 1, 0 <= --dropout < 1, --grad-clip >= 0 and --weight-decay >= 0')])
-
+def check_config(c):  # flags a run cannot use, each refused with one line
+    side, halvings = 28 // max(c['patch'], 1), c['channel_mults'].count(',')
+    refuse([(c['patch'] not in (1, 2, 4, 7), '--patch must divide 28: 1, 2, 4 or 7'),
+            (side % 2 ** halvings, f'--channel-mults: the U-Net cannot halve {side} pixels '
+             f'{halvings} times'),
+            (c['sampler'] == 'ddpm' and c['sample_steps'] not in (0, c['timesteps']),
+             '--sample-steps needs --sampler ddim (DDPM runs all T steps)')])
 
 # ---- schedule ----
-def linear_betas(T, beta_start, beta_end):
-    """Ho et al. sec. 4: beta_1 .. beta_T evenly spaced (float64, index t = 0..T-1)."""
+def linear_betas(T, beta_start, beta_end):  # Ho et al. sec. 4, float64, index t = 0..T-1
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 def cosine_alphas_cumprod(T, s=0.008):
@@ -133,18 +106,15 @@ def cosine_betas(T, s=0.008, max_beta=0.999):
     alphas_cumprod = cosine_alphas_cumprod(T, s)
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
 
-def make_betas(c):
-    if c['schedule'] == 'cosine':
-        return cosine_betas(c['timesteps'])
-    return linear_betas(c['timesteps'], c['beta_start'], c['beta_end'])
+def make_betas(c):  # EDIT ME: a schedule of your own is one more entry (a name not here fails)
+    return {'linear': lambda: linear_betas(c['timesteps'], c['beta_start'], c['beta_end']),
+            'cosine': lambda: cosine_betas(c['timesteps'])}[c['schedule']]()
 
-def q_sample(x0, alphas_cumprod_t, noise):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ~ q(x_t | x0) (eq. 4); abar_t broadcasts."""
+def q_sample(x0, alphas_cumprod_t, noise):  # x_t ~ q(x_t | x0) (eq. 4); abar_t broadcasts
     return alphas_cumprod_t.sqrt() * x0 + (1 - alphas_cumprod_t).sqrt() * noise
 
 def q_posterior_mean_var(x0, xt, t, betas, alphas_cumprod):
-    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7), abar_{-1} = 1. The
-    schedule: float64 tensors, or lists of floats (the sampler's: MPS has no float64)."""
+    """q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde_t) (eqs. 6-7), abar_{-1} = 1."""
     a, b, ap = alphas_cumprod[t], betas[t], alphas_cumprod[t - 1] if t > 0 else 1.0
     c0, ct = ap ** 0.5 * b / (1 - a), (1 - b) ** 0.5 * (1 - ap) / (1 - a)
     return c0 * x0 + ct * xt, (1 - ap) / (1 - a) * b
@@ -155,10 +125,8 @@ def x0_eps_from_output(xt, out, alphas_cumprod_t, pred):
     a, b = alphas_cumprod_t ** 0.5, (1 - alphas_cumprod_t) ** 0.5
     return ((xt - b * out) / a, out) if pred == 'eps' else (a * xt - b * out, b * xt + a * out)
 
-
 # ---- model ----
-def timestep_embedding(t, dim):
-    """(B,) -> (B, dim) sin and cos of t at geometric frequencies 1 .. 1e-4 (Vaswani et al.)."""
+def timestep_embedding(t, dim):  # (B,) -> (B, dim): sin, cos at frequencies 1 .. 1e-4
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     a = t.float()[:, None] * freqs
     return torch.cat([a.sin(), a.cos()], 1)
@@ -166,15 +134,12 @@ def timestep_embedding(t, dim):
 def norm(ch):  # 8 groups: ddpm_cifar's min(32, ch / 4) would give 8-32 at these widths,
     return nn.GroupNorm(8, ch)  # and this network's README figures were measured with 8
 
-def zero(layer):
-    """The layer with its weights and bias zeroed: a residual branch that starts as the identity."""
+def zero(layer):  # weights and bias zeroed: a residual branch that starts as the identity
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
 
-class ResBlock(nn.Module):
-    """GroupNorm, SiLU, 3x3 conv; plus the time embedding; GroupNorm, SiLU, dropout, 3x3 conv
-    (zeroed); a 1x1 conv on the skip path when the width changes."""
+class ResBlock(nn.Module):  # norm, SiLU, conv, + embedding; norm, SiLU, dropout, conv (zeroed)
     def __init__(self, cin, cout, tdim, dropout):
         super().__init__()
         self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -186,8 +151,7 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x))) + self.temb(emb)[:, :, None, None]
         return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the H x W positions, residual, its out-projection zeroed."""
+class Attention(nn.Module):  # multi-head self-attention over the H x W positions, residual
     def __init__(self, ch, heads=4):
         super().__init__()
         self.heads, self.norm = heads, norm(ch)
@@ -201,9 +165,8 @@ class Attention(nn.Module):
         return x + self.proj(h)
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t) (or v): ddpm_cifar.py's U-Net on patches, without labels, and without
-    DDPM's 3x3 conv after each upsampling (the next ResBlock starts with one; the README's figures
-    were measured so)."""
+    """eps_theta(x_t, t) (or v): ddpm_cifar.py's U-Net on patches, without labels or the conv
+    after each upsampling (the next ResBlock starts with one)."""
     def __init__(self, channels=32, mults=(1, 2), res_blocks=2, attn_res=(7,), dropout=0.0,
                  patch=2):
         super().__init__()
@@ -242,7 +205,7 @@ class UNet(nn.Module):
             hs.append(run(layers, hs[-1], emb))
         h = run(self.mid, hs[-1], emb)
         for layers in self.up:
-            skip = isinstance(layers[0], ResBlock)
+            skip = isinstance(layers[0], ResBlock)  # it takes the matching skip
             h = run(layers, torch.cat([h, hs.pop()], 1) if skip else h, emb)
         return F.pixel_shuffle(self.out(h), self.patch)
 
@@ -252,13 +215,11 @@ def run(layers, h, emb):
     return h
 
 def make_model(c):
-    """The network contract, for a forker who swaps in another: model(x_t, t) -> out, x_t (B, 1,
-    28, 28) in [-1, 1]-data units, t (B,) integer steps 0..T-1; out has x_t's shape: the predicted
-    eps or v (--pred). The loop also uses .parameters(), .state_dict() and .train()/.eval()."""
+    """EDIT ME: any model(x_t (B, 1, 28, 28), t (B,) in 0..T-1) -> eps or v (--pred) of x_t's
+    shape, with .parameters(), .state_dict(), .train() and .eval()."""
     mults = tuple(int(m) for m in c['channel_mults'].split(','))
     attn = tuple(int(r) for r in c['attn_res'].replace(' ', '').split(',') if r)
     return UNet(c['channels'], mults, c['res_blocks'], attn, c['dropout'], c['patch'])
-
 
 # ---- loss ----
 def loss_weight(alphas_cumprod_t, pred, min_snr):
@@ -270,8 +231,7 @@ def loss_weight(alphas_cumprod_t, pred, min_snr):
     snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
     return snr.clamp(max=min_snr) / (snr + (pred == 'v'))
 
-def normal_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats."""
+def normal_kl(mean1, var1, mean2, var2):  # KL(N(mean1, var1) || N(mean2, var2)), nats
     return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
 
 def discretized_gaussian_log_likelihood(x, mean, std):
@@ -307,7 +267,6 @@ def nll_bits_per_dim(model, x0, betas, pred='eps', sigma='beta_tilde', generator
         else:
             total -= discretized_gaussian_log_likelihood(x0, mean_p, var_p.sqrt()).sum((1, 2, 3))
     return total / (x0[0].numel() * math.log(2))
-
 
 # ---- sampling ----
 @torch.no_grad()
@@ -347,17 +306,13 @@ def sample_as_configured(model, n, c, generator, dev):
     return torch.cat([to_uint8(sample(model, (min(500, n - i), 1, 28, 28), make_betas(c), *how)[0])
                       for i in range(0, n, 500)])
 
-
 # ---- train ----
 def train(c, dev, rank, world):
-    """Step s draws t and noise for the whole global batch on the device from a generator seeded by
-    (seed, s), and rank r takes rows r, r + world, ..., as it does of the data: any number of
-    processes trains the same model as one, and --resume continues exactly without RNG state."""
+    """Step s draws t and noise for the global batch seeded by (seed, s), rank r taking rows
+    r::world: any number of processes trains one model, and --resume continues exactly."""
     ckpt = load_checkpoint(c) if c['resume'] else None  # before the data: a wrong one fails fast
     ds = load_dataset(c, 'mnist', n=c['train_images'])[0]
     B, per_epoch = c['batch_size'], epoch_steps(ds, c, world)
-    if rank == 0:
-        write_run_files(c)
     alphas_cumprod = torch.cumprod(1 - make_betas(c), 0).float().to(dev)
     torch.manual_seed(c['seed'])
     layout = torch.channels_last if dev.type == 'cuda' else torch.contiguous_format  # EMA's too
@@ -369,23 +324,22 @@ def train(c, dev, rank, world):
     scaler = torch.amp.GradScaler(dev.type, enabled=c['dtype'] == 'float16')
     step = ckpt['step'] if ckpt else 0
     if ckpt:
-        load_state(ckpt, dev, model=model, ema=ema, optimizer=opt, scaler=scaler)
+        load_state(ckpt, model=model, ema=ema, optimizer=opt, scaler=scaler)
     net = torch.compile(model) if c['compile'] else model
     if dist.is_initialized():
         net = nn.parallel.DistributedDataParallel(net, [dev.index] if dev.type == 'cuda' else None)
-    total = c['epochs'] * per_epoch  # the lr schedule's length; --max-steps stops early
-    stop = min(total, c['max_steps'] or total)
+    stop = min(total := c['epochs'] * per_epoch, c['max_steps'] or total)  # the lr's: total
     lr_at = lambda s: (c['lr'] * min(1, (s + 1) / (c['warmup'] + 1)) * 0.5
                        * (1 + math.cos(math.pi * min(1, s / total))))
     if rank == 0:
-        print(f"data: {len(ds):,} MNIST images | {c['schedule']} schedule, T {c['timesteps']} | "
-              f"predicts {c['pred']} | U-Net {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters | {dev}, {c['dtype']}, {world} process(es) | {stop} of {total} steps "
-              f'of batch {B}' + (f' | resumed at step {step}' if step else ''))
+        print(f"data: {len(ds):,} MNIST images | {c['schedule']}, T {c['timesteps']}, abar_T "
+              f"{alphas_cumprod[-1]:.1e} | predicts {c['pred']} | U-Net "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters | {dev}, {c['dtype']}, "
+              f'{world} process(es) | {stop} of {total} steps of batch {B}')
     save = lambda step: save_checkpoint(c, step, model=model, ema=ema, optimizer=opt, scaler=scaler,
                                         epoch=step // per_epoch)
     g, params, ema_params = torch.Generator(dev), list(model.parameters()), list(ema.parameters())
-    boundary = Boundary(c, step, stop, 0, opt, [scaler], rank, world)
+    boundary = Boundary(c, step, stop, 0, opt, rank, world)
     with boundary, closing(batches(ds, c, dev, rank, world, step, stop, per_epoch)) as data:
         for x, _ in data:
             # noise draw: this step's t and noise for the global batch; this rank's rows
@@ -422,8 +376,7 @@ def train(c, dev, rank, world):
     return ema.eval(), boundary.curve
 
 def figures(c, model, dev, curve):
-    """The sample grid, the reverse process of 8 samples (x0-predictions from x_T to x_0), the
-    loss curve."""
+    """The sample grid, 8 samples' x0-predictions from x_T to x_0, the loss curve."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -444,13 +397,12 @@ def figures(c, model, dev, curve):
         plt.close(fig)
 
 def evaluate(c, model, dev):
-    """The judge's figures for eval_samples samples (and as many real images: the floor), then
-    bits/dim on elbo_images test images."""
+    """The judge's figures of eval_samples samples, then bits/dim on elbo_images test images."""
     judge, n = Judge(c, dev, c['eval_samples']), c['eval_samples']
     g, t0 = torch.Generator(dev).manual_seed(c['seed'] + 1), time.time()
     x = sample_as_configured(model, n, c, g, dev)
     print(f"eval | {n} samples ({c['sampler']} {c['sample_steps'] or c['timesteps']} steps, "
-          f'{time.time() - t0:.0f}s)' + judge.line(judge(x)), flush=True)
+          f'{time.time() - t0:.0f}s)' + judge(x)['line'], flush=True)
     if c['elbo_images']:
         x, t0 = load_dataset(c, 'mnist', False)[0].tensors[0][:c['elbo_images']], time.time()
         x = (x.float() / 127.5 - 1).to(dev)
@@ -462,379 +414,220 @@ def main(argv=None):
     c = get_config(argv)
     check_config(c)
     dev, rank, world = setup(c)
-    with after_training(c):
-        if c['sample_only']:
-            model = make_model(c).to(dev)
-            model.load_state_dict(load_checkpoint(c)['ema'])
-            g = torch.Generator(dev).manual_seed(c['seed'])
-            write_samples(c, sample_as_configured(model.eval(), c['n_samples'], c, g, dev))
-        else:
-            model, curve = train(c, dev, rank, world)
-            if rank == 0:
-                figures(c, model, dev, curve)
-        if c['eval'] and rank == 0:
-            evaluate(c, model, dev)
+    if c['sample_only']:
+        model = make_model(c).to(dev)
+        model.load_state_dict(load_checkpoint(c)['ema'])
+        g = torch.Generator(dev).manual_seed(c['seed'])
+        write_samples(c, sample_as_configured(model.eval(), c['n_samples'], c, g, dev))
+    else:
+        model, curve = train(c, dev, rank, world)
+        if rank == 0:
+            figures(c, model, dev, curve)
+    if c['eval'] and rank == 0:
+        evaluate(c, model, dev)
+    end_run()
 
-
-# ---- plumbing: the same in ddpm_mnist.py, ddpm_cifar.py, score_sde.py, gan_baseline.py ----
-# What is not research, written once (a test keeps the copies equal): flags, device and torchrun,
-# safe writes, checkpoints, stop signals, the loop's boundary, data, grids, FID and IS.
-SCRIPT = os.path.basename(__file__)
-RUN = {}  # this run's: 'saved', the step of the checkpoint it wrote or resumed; 'data', its size
+# ---- plumbing: the same in the four image scripts (a test keeps it so) ----
+SCRIPT, LOCK = os.path.basename(__file__), []  # LOCK: the open out_dir/.lock of this run
 
 def fail(why):
     raise SystemExit(f'{SCRIPT}: {why}')  # one line, no traceback
 
-def get_config(argv=None):
-    """Each lowercase constant from the config banner to the next banner is a --dashed-flag of its
-    type ('a' | 'b' first in its comment: the choices); then finish_config(c, the flags given)."""
-    def parse_bool(s):
-        if s.lower() not in ('true', '1', 'false', '0'):
-            raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
-        return s.lower() in ('true', '1')
+def get_config(argv=None):  # the config block as flags ('a' | 'b': choices)
+    def boolean(s):  # another word is a usage error
+        return ['false', '0', 'true', '1'].index(s.lower()) > 1
     block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     for name, note in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):
         default, listed = globals()[name], re.match(r"'[^']*'(?: *\| *'[^']*')+", note)
         ap.add_argument('--' + name.replace('_', '-'), default=default,
                         choices=re.findall(r"'([^']*)'", listed[0]) if listed else None,
-                        type=parse_bool if isinstance(default, bool) else type(default),
+                        type=boolean if isinstance(default, bool) else type(default),
                         help=f'{note} [{default!r}]'.replace('%', '%%'))
     c, argv = vars(ap.parse_args(argv)), sys.argv[1:] if argv is None else argv
     given = {a[2:].split('=')[0].replace('-', '_') for a in argv if a[:2] == '--'}
     flags, c = set(c), finish_config(c, given)
     return continued(c, given, flags) if c['resume'] or c['sample_only'] else c
 
-def continued(c, given, flags):
-    """--resume and --sample-only continue the run in --out-dir: its checkpoint's config, changed
-    only by the flags given now, each change printed. Where and how far it runs now (--device,
-    --out-dir, --max-steps) are this command's."""
+def continued(c, given, flags):  # the checkpoint's config, changed by the flags given
     try:
         ckpt = torch.load(checkpoint(c), map_location='cpu', weights_only=True, mmap=True)
         old, step = dict(ckpt['config']), int(ckpt['step'])
     except Exception:  # none, or not this script's: load_checkpoint says which
         return c
-    if 'preset' in given and c['preset'] != old.get('preset'):
-        fail(f"--preset {c['preset']}: the run in {c['out_dir']} is --preset {old.get('preset')}")
     now = given | {'resume', 'sample_only', 'overwrite', 'out_dir', 'device', 'max_steps'}
-    now |= set(c) - flags  # and what finish_config derived from the flags given
-    new = old | {k: v for k, v in c.items() if k in now or k not in old}
-    changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in sorted(given)
-               if old.get(k, new[k]) != new[k] and k not in ('resume', 'sample_only')]
+    new = old | {k: v for k, v in c.items() if k in now | (set(c) - flags) or k not in old}
+    changed = ', '.join(f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in sorted(given)
+                        if old.get(k, new[k]) != new[k] and k not in ('resume', 'sample_only'))
     if int(os.environ.get('RANK', 0)) == 0:
-        print(f"{'resuming' if c['resume'] else 'sampling'} {checkpoint(c)} (step {step}) with its "
-              f"config{'; changed: ' + ', '.join(changed) if changed else ''}")
+        print(f'continuing {checkpoint(c)} (step {step}); changed flags: {changed or None}')
     return new
 
-def refuse(c, problems):
-    """Stops at the first (bad, why): a float not finite (nan passes every comparison), two of
-    --resume, --sample-only and --overwrite, then the script's own problems."""
-    for bad, why in [*[(not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, "
-                        f'not {v}') for k, v in c.items() if isinstance(v, float)],
-                     (c['resume'] + c['sample_only'] + c['overwrite'] > 1,
-                      '--resume, --sample-only, --overwrite: pick one'), *problems]:
+def refuse(problems):  # stops at the first (bad, why) with one line
+    for bad, why in problems:
         if bad:
             fail(why)
 
-def pick_device(name, local_rank=0):
-    """'auto' is cuda, then mps, then cpu; under torchrun a process takes its LOCAL_RANK's GPU."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = torch.backends.mps.is_available()
-    try:
-        dev = torch.device('cuda' if gpus else 'mps' if mps else 'cpu') if name == 'auto' else \
-            torch.device(name)
-    except RuntimeError:
-        fail(f"--device '{name}' is not a torch device; try cpu, cuda or auto")
-    procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    dev = torch.device('cuda', local_rank) if dev.type == 'cuda' and dev.index is None else dev
-    if dev.type == 'mps' and not mps or dev.type == 'cuda' and max(dev.index + 1, procs) > gpus:
-        fail(f'torchrun started {procs} processes on a machine with {gpus} GPU(s); use '
-             f'--nproc_per_node={gpus}, or --device cpu' if 1 < procs > gpus else
-             f'--device {name}: this machine has {gpus} GPU(s); try --device auto')
-    return dev
-
-def setup(c):
-    """(device, rank, world size), the process group joined under torchrun (nccl on CUDA, else
-    gloo), the out-dir made, or refused if it holds a run this one would replace."""
+def setup(c):  # (device, rank, world size), torchrun's process group joined, the out-dir locked
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    dev, ckpt = pick_device(c['device'], int(os.environ.get('LOCAL_RANK', 0))), checkpoint(c)
-    native, why = native_bf16(dev), ''
-    if c['dtype'] == 'auto':
-        c['dtype'] = 'bfloat16' if native else 'float32'
-        why = f" (auto: {dev.type} {'has' if native else 'lacks'} native bfloat16)"
-    elif c['dtype'] == 'bfloat16' and not native:
-        why = ' (emulated on this device, several times slower than float32: try --dtype auto)'
-    refuse(c, [(c['dtype'] == 'float16' and dev.type != 'cuda', '--dtype float16 needs CUDA'),
-               (c['batch_size'] % world, f"--batch-size {c['batch_size']} won't split in {world}"),
-               (c.get('fid') and not importlib.util.find_spec('torch_fidelity'),
-                '--fid needs torch-fidelity: pip install torch-fidelity'),
-               (os.path.exists(ckpt) and not (c['resume'] or c['sample_only'] or c['overwrite']),
-                f'{ckpt} holds a run; continue it with --resume true, or start over with '
-                '--overwrite true or another --out-dir')])
-    torch.backends.cudnn.benchmark = dev.type == 'cuda'  # the fastest convolutions for the shapes
-    if 'RANK' in os.environ:  # torchrun; rank 0 evaluates alone while the others wait
+    gpus, auto = torch.cuda.device_count(), 'mps' if torch.backends.mps.is_available() else 'cpu'
+    dev = torch.device(('cuda' if gpus else auto) if c['device'] == 'auto' else c['device'])
+    if dev.type == 'cuda' and dev.index is None:  # a torchrun process takes its LOCAL_RANK's GPU
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    c['dtype'] = c['dtype'].replace('auto', 'bfloat16' if native_bf16(dev) else 'float32')
+    refuse([(c['resume'] + c['sample_only'] + c['overwrite'] > 1,
+             '--resume, --sample-only, --overwrite: pick one'),
+            (dev.type == 'cuda' and dev.index >= gpus, f'no {dev}: {gpus} GPU(s) here'),
+            (c['dtype'] == 'float16' and dev.type != 'cuda', '--dtype float16 needs CUDA'),
+            (c['batch_size'] % world, f"--batch-size {c['batch_size']} won't split in {world}"),
+            (c.get('fid') and not importlib.util.find_spec('torch_fidelity'),
+             '--fid needs torch-fidelity: pip install torch-fidelity'),
+            (os.path.exists(checkpoint(c)) and not c['resume'] + c['sample_only'] + c['overwrite'],
+             f'{checkpoint(c)} holds a run: --resume true goes on, --overwrite true starts over')])
+    torch.backends.cudnn.benchmark = dev.type == 'cuda'
+    if 'RANK' in os.environ and not dist.is_initialized():  # torchrun
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
-        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend, timeout=timedelta(hours=2))
-    try:
-        os.makedirs(c['out_dir'], exist_ok=True)
-    except OSError as e:
-        fail(f"cannot make --out-dir {c['out_dir']} ({e.strerror})")
-    RUN.clear()
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo',
+                                timeout=timedelta(hours=2))
+    os.makedirs(c['out_dir'], exist_ok=True)
     if rank == 0:
-        lock_out_dir(c['out_dir'])
-        print(f"device {dev} | dtype {c['dtype']}{why} | output {c['out_dir']}")
+        import fcntl
+        LOCK[:] = [open(os.path.join(c['out_dir'], '.lock'), 'w')]  # closes an earlier main()'s
+        try:  # held while the process lives, however it ends
+            fcntl.flock(LOCK[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another run is using --out-dir {c['out_dir']}; wait, or pass another --out-dir")
+        print(f"device {dev} | dtype {c['dtype']} | output {c['out_dir']}")
     return dev, rank, world
 
-def native_bf16(dev, cpuinfo='/proc/cpuinfo'):
-    """A CUDA GPU with bfloat16, or a CPU with AVX512-BF16 or AMX (Linux says so in cpuinfo):
-    elsewhere autocast emulates it (a 2-core AVX2 CPU: 10x slower than float32)."""
+def native_bf16(dev, cpuinfo='/proc/cpuinfo'):  # else autocast emulates it, slowly
     if dev.type != 'cpu':
         return dev.type == 'cuda' and torch.cuda.is_bf16_supported()
     flags = open(cpuinfo).read() if os.path.isfile(cpuinfo) else ''
     return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
 
-def lock_out_dir(out):
-    """One run an out-dir: an flock on out/.lock, held until the run ends (the OS drops it when the
-    process dies, however it dies), refuses a second run; then a killed run's temporary files go."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: runs are not locked
-        return
-    RUN['lock'] = lock = open(os.path.join(out, '.lock'), 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        fail(f"another run (pid {lock.read().strip() or '?'}) is using --out-dir {out}; wait for "
-             'it to end, or pass another --out-dir')
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    for f in os.listdir(out):
-        if re.search(r'\.tmp\d+\.\w+$', f):
-            os.remove(os.path.join(out, f))
-
 def autocast(c, dev):
     dtype = getattr(torch, c['dtype'])
     return nullcontext() if dtype == torch.float32 else torch.autocast(dev.type, dtype)
 
-@contextmanager
-def after_training(c):
-    """The run's frame. Outside the training loop (whose boundary saves first) SIGTERM stops a run
-    as Ctrl-C does, with one line saying what is kept; so do running out of memory and a file that
-    cannot be read. On success the processes meet at the end (after an error a process ends at
-    once, and torchrun stops the others). The out-dir's lock is released."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    old = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        fail(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); {kept(c)}")
-    except OSError as e:  # a file read outside the loop (an image that cannot be decoded)
-        fail(f'{e}; {kept(c)}')
-    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; the CPU's allocator says so
-        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
-            raise
-        fail(f'out of memory ({str(e).splitlines()[0][:90]}); lower --batch-size or the model\'s '
-             f'or images\' size; {kept(c)}')
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        if 'lock' in RUN:
-            RUN.pop('lock').close()
-    if dist.is_initialized():
+def end_run():
+    if dist.is_initialized():  # the processes meet at the end
         dist.barrier()
         dist.destroy_process_group()
 
-def write_whole(path, write):
-    """write(tmp), synced to the disk, then renamed over path (tmp, named by this process, keeps
-    path's extension for savez, savefig and PIL): a kill or a power cut leaves the file there
-    before. Any failure, Ctrl-C too, removes tmp; a failed write (a full disk) is one line."""
-    tmp, folder = f'.tmp{os.getpid()}'.join(os.path.splitext(path)), os.path.dirname(path) or '.'
+def write_whole(path, write):  # write(tmp), renamed over path: a kill leaves the old file
+    tmp = '.tmp'.join(os.path.splitext(path))  # keeps the extension
     try:
         write(tmp)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
-        if hasattr(os, 'O_DIRECTORY'):  # the rename, on POSIX
-            fd = os.open(folder, os.O_DIRECTORY)
-            os.fsync(fd)
-            os.close(fd)
-        return
-    except BaseException as e:
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):  # torch.save raises RuntimeError
-            raise
-        full = getattr(e, 'errno', 0) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 20
-        why = 'no space left on device' if full else getattr(e, 'strerror', 0) or str(e)[:100]
-    free = shutil.disk_usage(folder).free / 2 ** 20  # once the failed write let go of its file
-    fail(f'could not write {path} ({why}; {free:,.0f} MB free); the file there before is kept')
-
-def write_run_files(c):
-    """config.json and a copy of this script, once the checkpoint and the data are accepted."""
-    def dump(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(c, f, indent=2)
-    write_whole(os.path.join(c['out_dir'], 'config.json'), dump)
-    write_whole(os.path.join(c['out_dir'], SCRIPT), lambda tmp: shutil.copy(__file__, tmp))
+        fail(f"could not write {path} ({getattr(e, 'strerror', 0) or e}); the old one is kept")
 
 def checkpoint(c):
     return os.path.join(c['out_dir'], 'ckpt.pt')
 
-def load_checkpoint(c):
-    """ckpt.pt, checked to be this script's, of the model that the ARCH flags describe."""
-    if not os.path.exists(path := checkpoint(c)):
-        fail(f'no checkpoint at {path}; train first, or point --out-dir at the run')
+def load_checkpoint(c):  # this script's, of the model the ARCH flags describe
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f'{path} is not a readable checkpoint ({type(e).__name__})')
-    if not isinstance(ckpt, dict) or ckpt.get('script') != SCRIPT:
-        fail(f'{path} was not written by {SCRIPT} (script: '
-             f"{ckpt.get('script') if isinstance(ckpt, dict) else type(ckpt).__name__})")
-    if not isinstance(ckpt.get('config'), dict) or not isinstance(ckpt.get('step'), int):
-        fail(f'{path} lacks its config or step: not a whole checkpoint of {SCRIPT}')
-    bad = [f"{k} {ckpt['config'].get(k)!r} (flag {c[k]!r})" for k in ARCH
-           if ckpt['config'].get(k) != c[k]]
-    if bad:
+        ckpt = torch.load(path := checkpoint(c), map_location='cpu', weights_only=True)
+    except Exception as e:  # none, or not a file torch reads
+        fail(f'no readable checkpoint at {path} ({type(e).__name__}); train first or fix --out-dir')
+    if not (isinstance(ckpt, dict) and ckpt.get('script') == SCRIPT and 'config' in ckpt):
+        fail(f'{path} is not a checkpoint of {SCRIPT}')
+    if bad := [f"{k} {ckpt['config'].get(k)!r} (flag {c[k]!r})" for k in ARCH
+               if ckpt['config'].get(k) != c[k]]:
         fail(f"{path} has a different model: {', '.join(bad)}; drop those flags to continue it")
-    RUN.update(saved=ckpt['step'], data=ckpt.get('data'))
     return ckpt
 
-def load_state(ckpt, dev, **objects):
-    """Each module's, optimizer's and scaler's state from the checkpoint's entry of its name."""
+def load_state(ckpt, **objects):  # each object's state from the entry of its name
     for name, obj in objects.items():
-        for group in ckpt[name].get('param_groups', []):
-            group['fused'] = dev.type == 'cuda'  # whatever device wrote it
         obj.load_state_dict(ckpt[name])
 
-def save_checkpoint(c, step, **state):
-    """ckpt.pt, written whole: the state_dict of each object that has one, the rest as it is."""
+def save_checkpoint(c, step, **state):  # ckpt.pt, config.json and a copy of this script
     ckpt = {k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in state.items()}
-    ckpt.update(step=step, config=c, script=SCRIPT, data=RUN.get('data'))
+    ckpt.update(step=step, config=c, script=SCRIPT)
     write_whole(checkpoint(c), lambda tmp: torch.save(ckpt, tmp))
-
-def kept(c):
-    """What a stopped run leaves, as it is on disk: the checkpoint this run last wrote (each save
-    checks first that the weights are finite) or resumed from; never an older run's as its own."""
-    if RUN.get('saved') is not None:
-        return f"the last good checkpoint, step {RUN['saved']}, is kept: {checkpoint(c)}"
-    old = f" ({checkpoint(c)}, an earlier run's, is as it was)" * os.path.exists(checkpoint(c))
-    return 'this run saved no checkpoint' + old
+    dump = json.dumps(c, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), lambda tmp: open(tmp, 'w').write(dump))
+    write_whole(os.path.join(c['out_dir'], SCRIPT), lambda tmp: shutil.copy(__file__, tmp))
 
 class Boundary:
-    """The training loop's step boundary, the one place that waits for the device. Each step add()s
-    its losses; each log_every steps their means over all processes are checked and printed; each
-    save_every steps, at the last step and after SIGINT or SIGTERM (which, while it is open, only
-    note themselves) the weights' norm is checked too and rank 0 saves; a signal then ends the run.
-    Under float16 a non-finite loss is a step the GradScaler skipped: counted, not averaged."""
-    def __init__(self, c, step, stop, eval_every, opt, scalers, rank, world):
-        self.c, self.stop, self.eval_every, self.opt = c, stop, eval_every, opt
-        self.scalers, self.scaled = scalers, scalers[0].is_enabled()
-        self.rank, self.world = rank, world
+    """Logs the losses' means, checks them finite, saves, and stops on a signal."""
+    def __init__(self, c, step, stop, eval_every, opt, rank, world):
+        self.c, self.stop, self.eval_every, self.opt, self.rank, self.world = \
+            c, stop, eval_every, opt, rank, world
         self.rows, self.curve, self.caught, self.s, self.t = [], [], [], step, time.time()
-        self.first = step
-        self.path = checkpoint(c)
+        self.saved = step or None  # the step of the checkpoint this run stands on
 
-    def __enter__(self):
-        self.old = [(s, signal.signal(s, lambda n, f: self.caught.append(n)))
-                    for s in (signal.SIGINT, signal.SIGTERM)]
+    def __enter__(self):  # a stop signal only notes itself
+        note = lambda signum, frame: self.caught.append(signal.Signals(signum).name)
+        self.old = [(s, signal.signal(s, note)) for s in (signal.SIGINT, signal.SIGTERM)]
         return self
 
-    def __exit__(self, error, *_):
+    def __exit__(self, *_):
         [signal.signal(s, h) for s, h in self.old]
-        if self.caught and not error:  # it came during the last save, which holds the run
-            why = signal.Signals(self.caught[0]).name
-            fail(f'interrupted ({why}) at the end; saved {self.path}')
 
-    def add(self, **losses):
-        """This step's losses: scalar tensors on the device, or None for one it did not compute."""
-        self.names, got = list(losses), [x is not None for x in losses.values()]
-        v = torch.stack([x.detach().float() for x in losses.values() if x is not None])
-        ok = v.isfinite().all() | (not self.scaled)
-        v, ok = iter(torch.where(ok, v, 0)), ok.float()
-        row = [next(v) if g else ok * 0 for g in got] + [ok * g for g in got] + [ok]
-        self.rows.append(torch.stack(row))
+    def add(self, **losses):  # scalar tensors on the device, or None for one not computed
+        self.names, first = list(losses), next(x for x in losses.values() if x is not None)
+        zero = torch.zeros((), device=first.device)  # sum, count of a loss not computed
+        self.rows.append(torch.stack([v for x in losses.values() for v in (
+            [x.detach().float(), zero + 1] if x is not None else [zero, zero])]))
 
-    def __call__(self, step, params, save, evaluate=None):
-        """Where due: the means (and the norm) checked and printed, evaluate(step) (rank 0, each
-        eval_every steps and at the last), save(step) (rank 0), and the stop after a signal."""
-        c, k, last = self.c, len(self.names), step == self.stop
+    def __call__(self, step, params, save, evaluate=None):  # log, eval, save, stop if due
+        c, last, path = self.c, step == self.stop, checkpoint(self.c)
         log, keep = (step % c[n] == 0 or last for n in ('log_every', 'save_every'))
         ev = evaluate and (last or self.eval_every and step % self.eval_every == 0)
-        if not (log or keep or ev or (self.caught and self.world == 1)):
+        if not (log or keep or ev or self.caught and self.world == 1):
             return
-        sums = torch.stack(self.rows).sum(0)  # k sums, k counts, the steps kept
-        norm = sums[0] * 0
-        if keep or self.caught:
-            norm = torch.stack(torch._foreach_norm(params)).sum()
-        flags = torch.cat([sums, torch.stack([norm, torch.full_like(norm, bool(self.caught))])])
+        norm = torch.stack(torch._foreach_norm(params)).sum()[None]
+        sums = torch.cat([torch.stack(self.rows).sum(0), norm, norm * 0 + bool(self.caught)])
         if self.world > 1:
-            dist.all_reduce(flags)  # the processes agree on the means, the norm and on stopping
-        *flags, norm, halt = flags.tolist()
-        means = [s / n if n else math.nan for s, n in zip(flags, flags[k:])][:k]
-        skipped = len(self.rows) * self.world - flags[-1]
-        scale = min(s.get_scale() for s in self.scalers) if self.scaled else 1.0
-        if not (math.isfinite(norm) and all(map(math.isfinite, flags)) and scale >= 2 ** -8):
-            what = [f'{n} is {v}' for n, v in zip(self.names, flags) if not math.isfinite(v)]
-            what = ', '.join(what) or (f"the weights' norm is {norm}" if not math.isfinite(norm)
-                                       else "float16 overflows in every step (the GradScaler's "
-                                       'scale fell under 2^-8)')
-            fail(f'{what} in steps {self.s + 1}-{step}; {kept(c)}; ' + ('check the flags given'
-                 if self.s == self.first else 'try a lower --lr or --dtype float32'))
+            dist.all_reduce(sums)  # all processes agree
+        *sums, norm, halt = sums.tolist()
+        bad = [f'{k} is {v}' for k, v in zip(self.names, sums[::2]) if not math.isfinite(v)]
+        if not math.isfinite(norm) or bad and c['dtype'] != 'float16':
+            kept = f'{path} holds step {self.saved}' if self.saved else 'this run saved none'
+            fail(f"{', '.join(bad) or f'the weights norm is {norm}'} in steps {self.s + 1}-{step};"
+                 f' {kept}; try a lower --lr or --dtype float32')
         if log:
-            ms = (time.time() - self.t) / (step - self.s) * 1e3  # this window's; evals, saves out
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if sums.is_cuda else 0
+            ms = (time.time() - self.t) / (step - self.s) * 1e3
+            means = [s / n if n else math.nan for s, n in zip(sums[::2], sums[1::2])]
             self.curve.append((step, means[0]))
             if self.rank == 0:
-                parts = [f'step {step}/{self.stop}', *map('{} {:.4f}'.format, self.names, means),
-                         f"lr {self.opt.param_groups[0]['lr']:.1e}", f'{ms:.1f} ms/step',
-                         f"{c['batch_size'] / ms * 1e3:,.0f} img/s"]
-                parts += [f'peak mem {mem:.2f} GB'] * bool(mem)
-                parts += [f'{skipped:.0f} steps skipped by the float16 GradScaler'] * bool(skipped)
-                print(' | '.join(parts + [f'eta {ms * (self.stop - step) / 6e4:.1f}m']), flush=True)
-            self.rows, self.s = [], step
-        pause = time.time()
+                print(' | '.join([f'step {step}/{self.stop}', *map('{} {:.4f}'.format, self.names,
+                      means), f"lr {self.opt.param_groups[0]['lr']:.1e}", f'{ms:.1f} ms/step',
+                      f"{c['batch_size'] / ms * 1e3:,.0f} img/s",
+                      f'eta {ms * (self.stop - step) / 6e4:.1f}m']), flush=True)
         if self.rank == 0 and ev:
             evaluate(step)
         if keep or halt:
             if self.rank == 0:
                 save(step)
-            RUN['saved'] = step
+            self.saved = step
         if halt:
-            why = signal.Signals(self.caught[0]).name if self.caught else 'a signal elsewhere'
-            fail(f'interrupted at step {step} ({why}); saved {self.path}; go on with --resume true')
-        self.t = time.time() if log else self.t + time.time() - pause
+            fail(f"interrupted at step {step} ({(self.caught or ['a signal elsewhere'])[0]}); "
+                 f'saved {path}; go on with --resume true')
+        if log:  # the next window's time leaves this eval and save out
+            self.rows, self.s, self.t = [], step, time.time()
 
-def epoch_steps(ds, c, world):
-    """Steps in an epoch: DistributedSampler(drop_last) deals len // world rows to a process. A
-    resumed run whose data changed size (a file removed) goes on, saying so."""
+def epoch_steps(ds, c, world):  # DistributedSampler(drop_last) deals len // world a process
     if not (n := len(ds) // world // (c['batch_size'] // world)):
         fail(f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
-    if RUN.get('data') not in (None, len(ds)) and int(os.environ.get('RANK', 0)) == 0:
-        print(f"note: the checkpoint's run had {RUN['data']:,} training examples, this data "
-              f'{len(ds):,}: from here on the data order and the epoch ({n} steps) are new')
-    RUN['data'] = len(ds)
     return n
 
-def batches(ds, c, dev, rank, world, first, stop, per_epoch):
-    """This process's (x, y) of steps first .. stop - 1. Epoch e's order is DistributedSampler's
-    (seed, e), of which process r takes rows r, r + world, ... of each global batch: any number of
-    processes sees the data of one. A TensorDataset is indexed on the device (if under a quarter of
-    its memory); files are decoded by a DataLoader whose workers leave stopping to this process."""
+def batches(ds, c, dev, rank, world, first, stop, per_epoch):  # rank::world of each batch
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
     sampler = DistributedSampler(range(len(ds)), world, rank, seed=c['seed'], drop_last=True)
-    n = c['batch_size'] // world
 
-    def order(where):  # the rows of steps first .. stop - 1, epoch by epoch
+    def order(where):  # the rows of steps first .. stop - 1
         for e in range(first // per_epoch, math.ceil(stop / per_epoch)):
             sampler.set_epoch(e)
-            rows = torch.tensor(list(sampler))[:per_epoch * n].view(per_epoch, n)
-            yield from rows.to(where)[max(0, first - e * per_epoch):stop - e * per_epoch]
-    if isinstance(ds, TensorDataset):
+            rows = torch.tensor(list(sampler))[:per_epoch * (c['batch_size'] // world)]
+            yield from rows.view(per_epoch, -1)[max(0, first - e * per_epoch):stop - e * per_epoch
+                                                ].to(where)
+    if isinstance(ds, TensorDataset):  # indexed on the device, if under a quarter of its memory
         free = torch.cuda.mem_get_info(dev)[0] if dev.type == 'cuda' else math.inf
         x, y = (t.to(dev) if t.nbytes < free / 4 else t for t in ds.tensors)
         yield from ((x[i], y[i]) for i in order(x.device))
@@ -844,130 +637,85 @@ def batches(ds, c, dev, rank, world, first, stop, per_epoch):
         'workers'], pin_memory=dev.type == 'cuda', worker_init_fn=mute))
     try:
         yield from loader
-    except OSError as e:  # from a worker, the last line of its traceback is __getitem__'s
-        fail(f"{str(e).strip().splitlines()[-1].removeprefix('OSError: ')}; "
-             f'{kept(c)}; replace the file and continue with --resume true')
-    finally:  # the workers ignore SIGTERM, so multiprocessing's exit would wait for them forever
+    finally:  # the workers ignore SIGTERM: end them
         getattr(loader, '_shutdown_workers', lambda: None)()
 
-def load_dataset(c, name, train=True, n=0):
-    """(Dataset of (uint8 image (C, S, S), label), classes), its first n (0 = all): torchvision's
-    MNIST or CIFAR-10 from data_dir (downloaded if missing), or image files under it ('folder')."""
-    root, label = os.path.abspath(c['data_dir']), dict(mnist='MNIST', cifar10='CIFAR-10').get(name)
+def load_dataset(c, name, train=True, n=0):  # ((uint8 (C, S, S), label) items, classes)
     if name == 'folder':
-        ds = ImageFiles(root, c['image_size'], c.get('folder_classes', False))
-        ds.samples = ds.samples[:n or None]
+        ds = ImageFiles(os.path.abspath(c['data_dir']), c['image_size'], c.get('folder_classes'), n)
         return ds, ds.classes
     from torchvision.datasets import CIFAR10, MNIST
-    folder = os.path.join(root, 'MNIST/raw' if name == 'mnist' else 'cifar-10-batches-py')
     try:
-        ds = (MNIST if name == 'mnist' else CIFAR10)(root, train=train, download=True)
+        ds = (MNIST if name == 'mnist' else CIFAR10)(c['data_dir'], train=train, download=True)
     except Exception as e:  # offline, or a damaged file
-        fail(f'{label} under {folder} cannot be read ({type(e).__name__}: {str(e)[:90]}); a file '
-             'there is truncated, damaged or missing: replace it' if os.path.isdir(folder)
-             and os.listdir(folder) else f'no {label} under {folder} and the download failed '
-             f'({type(e).__name__}); place its files there (README), or pass --data-dir')
+        fail(f"{name} under {os.path.abspath(c['data_dir'])} is missing or damaged and the "
+             f'download failed ({type(e).__name__}: {str(e)[:80]}); place its files there (README)')
     x = torch.as_tensor(ds.data[:n or None])  # MNIST (N, 28, 28), CIFAR-10 (N, 32, 32, 3)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     return torch.utils.data.TensorDataset(x, torch.as_tensor(ds.targets[:n or None])), ds.classes
 
-class ImageFiles(torch.utils.data.Dataset):
-    """The images under root as (uint8 (3, S, S), label), resized and centre-cropped, listed by
-    ImageFolder's functions: with classes each sub-folder is a class (ImageFolder's layout);
-    without, the images at any depth are one unconditional set (FFHQ's 70 sub-folders are no
-    classes). A file that cannot be decoded stops the run when its batch comes up, with one line
-    naming it."""
-    def __init__(self, root, size, classes):
+class ImageFiles(torch.utils.data.Dataset):  # sub-folders as classes, or none (FFHQ's 70)
+    def __init__(self, root, size, classes, n=0):
         from torchvision import transforms as T
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+        from torchvision.datasets import folder
         try:
-            self.classes, index = find_classes(root) if classes else ([], {'': 0})
-            self.samples = make_dataset(root, index, IMG_EXTENSIONS)
+            self.classes, index = folder.find_classes(root) if classes else ([], {'': 0})
+            self.samples = folder.make_dataset(root, index, folder.IMG_EXTENSIONS)[:n or None]
         except OSError:
-            fail(f"no images ({', '.join(IMG_EXTENSIONS)}) in " + (f'class sub-folders of {root}'
-                 if classes else f'{root} or its sub-folders') + '; pass --data-dir')
-        self.transform = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                                    T.PILToTensor()])
+            fail(f"no images in {root}{' class sub-folders' if classes else ''}; pass --data-dir")
+        self.transform = T.Compose([folder.pil_loader, T.Resize(size, T.InterpolationMode.BICUBIC),
+                                    T.CenterCrop(size), T.PILToTensor()])  # a file's path -> uint8
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL import Image
-        try:
-            with Image.open(self.samples[i][0]) as img:
-                return self.transform(img.convert('RGB')), self.samples[i][1]
-        except Exception as e:  # truncated, not an image, over PIL's size limit
-            raise OSError(f'{self.samples[i][0]} cannot be decoded ({type(e).__name__}: '
-                          f'{str(e)[:80]})') from None
+        return self.transform(self.samples[i][0]), self.samples[i][1]
 
-def to_uint8(x, lo=-1.0, hi=1.0):
-    """Images in [lo, hi] (N, C, H, W) -> uint8 on the CPU, as they are saved and scored."""
+def to_uint8(x, lo=-1.0, hi=1.0):  # images in [lo, hi] -> uint8 on the CPU
     return ((x.float() - lo) * (255 / (hi - lo))).round().clamp(0, 255).to(torch.uint8).cpu()
 
-def save_grid(images, path, nrow=10):
-    """uint8 images (N, C, H, W) -> one PNG, nrow to a row, 1-pixel white gaps."""
+def save_grid(images, path, nrow=10):  # uint8 (N, C, H, W), 1-pixel white gaps
     from torchvision.utils import save_image
     write_whole(path, lambda tmp: save_image(images / 255, tmp, nrow=nrow, padding=1, pad_value=1))
 
-def write_samples(c, images, **labels):
-    """--sample-only: samples.npz (uint8 images N x H x W x C, labels where given), samples.png."""
-    path = os.path.join(c['out_dir'], 'samples.npz')
-    nhwc = images.permute(0, 2, 3, 1).numpy()
+def write_samples(c, images, **labels):  # --sample-only: samples.npz, samples.png
+    path, nhwc = os.path.join(c['out_dir'], 'samples.npz'), images.permute(0, 2, 3, 1).numpy()
     write_whole(path, lambda tmp: np.savez(tmp, images=nhwc, **labels))
     save_grid(images[:100], os.path.join(c['out_dir'], 'samples.png'))
-    print(f'wrote {len(images)} samples to {path} (images: uint8, N x H x W x C'
-          f"{', labels' * bool(labels)}) and a grid of the first 100, samples.png")
+    print(f'wrote {len(images)} samples to {path} (uint8 NHWC) and samples.png')
 
-class Uint8Images(torch.utils.data.Dataset):
-    """Images as torch-fidelity takes them, uint8 (3, H, W), of a uint8 tensor or of (x, y) items.
-    """
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self):
-        return len(self.data)
-
+class Uint8Images(torch.utils.data.Subset):  # as torch-fidelity takes them: uint8 (3, H, W)
     def __getitem__(self, i):
-        return (self.data[i] if torch.is_tensor(self.data) else self.data[i][0]).expand(3, -1, -1)
+        x = self.dataset[i]  # an image, or an (image, label) item
+        return (x if torch.is_tensor(x) else x[0]).expand(3, -1, -1)
 
-def fid_is(c, images, reference, dev):
-    """FID of uint8 images (N, C, H, W) to the reference dataset, and their Inception Score, with
-    torch-fidelity's TF-Inception as the papers; the reference's statistics are cached by name."""
+def fid_is(c, images, reference, dev):  # FID to the reference dataset, and IS, of uint8 images
     import torch_fidelity
-    name = f"{SCRIPT[:-3]}-{c['dataset']}-{os.path.basename(os.path.abspath(c['data_dir']))}"
-    try:
+    name = f"{c['dataset']}-{os.path.abspath(c['data_dir'])}-{images.shape[-1]}-{len(reference)}"
+    try:  # the reference's statistics are cached by that name
         m = torch_fidelity.calculate_metrics(
-            input1=Uint8Images(images), input2=Uint8Images(reference), fid=True, isc=True,
-            cuda=dev.type == 'cuda', verbose=False, save_cpu_ram=True, samples_shuffle=False,
-            input2_cache_name=f'{name}-{images.shape[-1]}px-{len(reference)}',
+            input1=Uint8Images(images, range(len(images))), fid=True, isc=True, verbose=False,
+            input2=Uint8Images(reference, range(len(reference))), cuda=dev.type == 'cuda',
+            save_cpu_ram=True, samples_shuffle=False, input2_cache_name=re.sub(r'\W', '_', name),
             feature_extractor_weights_path=c['fid_weights'] or None)
     except Exception as e:  # most often offline, without --fid-weights
         fail(f'FID failed ({type(e).__name__}: {str(e)[:80]}); offline, pass --fid-weights '
-             f'weights-inception-2015-12-05-6726825d.pth; {kept(c)}')
+             'weights-inception-2015-12-05-6726825d.pth')
     return m['frechet_inception_distance'], m['inception_score_mean']
 
 
-# ---- the MNIST judge: the same in ddpm_mnist.py, score_sde.py, gan_baseline.py ----
-class Judge:
-    """MNIST samples measured without Inception: a small CNN (two conv-pool layers, a 128-d feature
-    layer, 10 logits), trained once (5 epochs of Adam 1e-3, cosine: 99.0% test accuracy) and kept as
-    --classifier, scores uint8 digits (N, 1, 28, 28) by the share it classifies with confidence
-    >= 0.9, the KL of their class histogram from uniform, and the Frechet distance of its features
-    to the test set's, beside those of n real training digits (the floor, printed here)."""
-    def __init__(self, c, dev, n):
+# ---- the MNIST judge: the same in the three MNIST scripts ----
+class Judge:  # digits scored by a small CNN, trained once (99% test accuracy), kept as --classifier
+    def __init__(self, c, dev, n):  # the floor: the figures of n real training digits
         (x, y), (x_test, y_test) = (load_dataset(c, 'mnist', t)[0].tensors for t in (True, False))
         conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         self.net = nn.Sequential(*conv(1, 32), *conv(32, 64), nn.Flatten(), nn.Linear(3136, 128),
                                  nn.ReLU(), nn.Linear(128, 10)).to(dev)
         self.dev, path = dev, c['classifier'] or os.path.join(c['out_dir'], 'classifier.pt')
         if os.path.exists(path):
-            try:
-                self.net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
-            except Exception as e:  # not a file torch reads, or another network's weights
-                fail(f"{path} is not the MNIST judge's weights ({type(e).__name__}); pass the "
-                     "classifier.pt a run wrote, or --classifier '' to train one")
-        else:
+            self.net.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+        else:  # 5 epochs of Adam 1e-3, cosine
             opt, g = torch.optim.Adam(self.net.parameters()), torch.Generator().manual_seed(0)
             lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5 * math.ceil(len(x) / 128))
             for i in [i for _ in range(5) for i in torch.randperm(len(x), generator=g).split(128)]:
@@ -975,41 +723,26 @@ class Judge:
                 F.cross_entropy(self.net(x[i].to(dev) / 127.5 - 1), y[i].to(dev)).backward()
                 opt.step()
                 lr.step()
-            acc = (self.features(x_test)[1].argmax(1) == y_test).float().mean().item()
-            print(f'eval | classifier trained (5 epochs): test accuracy {acc:.2%}; saved {path}')
             write_whole(path, lambda tmp: torch.save(self.net.state_dict(), tmp))
-        self.f_test, self.floor = self.features(x_test)[0], None
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(c['seed']))[:n]
-        self.floor = self(x[pick])
-        print(f'eval | {n} training images' + self.line(self.floor))
-
+        (f, p), g = self.features(x_test), torch.Generator().manual_seed(c['seed'])
+        self.test, self.floor = (f.mean(0), torch.cov(f.T)), {}
+        self.floor = self(x[torch.randperm(len(x), generator=g)[:n]])
+        print(f'eval | judge {path}: test accuracy {(p.argmax(1) == y_test).double().mean():.2%} | '
+              f'{n} training images' + self.floor['line'])
     @torch.no_grad()
-    def features(self, images):
-        """(features (N, 128) float64, logits (N, 10)) of uint8 digits, on the CPU."""
+    def features(self, images):  # (features (N, 128) float64, class probabilities (N, 10))
         f = torch.cat([self.net[:-1](b.to(self.dev) / 127.5 - 1) for b in images.split(500)])
-        return f.double().cpu(), self.net[-1](f).float().cpu()
-
-    def __call__(self, images):
-        return digit_figures(*self.features(images), self.f_test)
-
-    def line(self, m):
-        floor = f" ({m['frechet'] / self.floor['frechet']:.2f}x floor)" if self.floor else ''
-        return (f" | confident (p >= 0.9) {m['confident']:.1%} | KL(classes || uniform) "
-                f"{m['kl']:.4f} | frechet {m['frechet']:.2f}{floor}")
-
-
-def digit_figures(f, logits, f_test):
-    """{'confident': the share with confidence >= 0.9, 'kl': KL(class histogram || uniform),
-    'frechet': |mu - mu_t|^2 + tr(C + C_t - 2 (C^(1/2) C_t C^(1/2))^(1/2)) of f and f_test}."""
-    p = logits.softmax(1)
-    hist = torch.bincount(p.argmax(1), minlength=10).double() / len(p)
-    mu, mu_t, cov, cov_t = f.mean(0), f_test.mean(0), torch.cov(f.T), torch.cov(f_test.T)
-    w, v = torch.linalg.eigh(cov)
-    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(root @ cov_t @ root).clamp(min=0).sqrt().sum()
-    d2 = (mu - mu_t).square().sum() + cov.trace() + cov_t.trace() - 2 * cross
-    return {'confident': (p.max(1).values >= 0.9).double().mean().item(), 'frechet': d2.item(),
-            'kl': (hist * (hist.clamp(min=1e-12) * 10).log()).sum().item()}
+        return f.double().cpu(), self.net[-1](f).float().cpu().softmax(1)
+    def __call__(self, images):  # the share >= 90% sure, KL(classes || uniform), Frechet distance
+        (f, p), (mu_t, cov_t) = self.features(images), self.test
+        hist, cov = torch.bincount(p.argmax(1), minlength=10).double() / len(p), torch.cov(f.T)
+        cross = torch.linalg.eigvals(cov @ cov_t).real.clamp(min=0).sqrt().sum()  # tr (C C_t)^(1/2)
+        d2 = ((f.mean(0) - mu_t).square().sum() + cov.trace() + cov_t.trace() - 2 * cross).item()
+        m = {'confident': (p.max(1).values >= 0.9).double().mean().item(), 'frechet': d2,
+             'kl': (hist * (hist.clamp(min=1e-12) * 10).log()).sum().item()}
+        return m | {'line': f" | confident (p >= 0.9) {m['confident']:.1%} | KL(classes || uniform)"
+                    f" {m['kl']:.4f} | frechet {d2:.2f}" + (f" ({d2 / self.floor['frechet']:.2f}x "
+                                                            'floor)' if self.floor else '')}
 
 
 if __name__ == '__main__':
