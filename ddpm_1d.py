@@ -43,11 +43,9 @@ Run (writes out/ddpm_1d/ddpm_1d.png, config.json and a copy of this file):
     python ddpm_1d.py --reverse exact     # one reverse process only
 """
 import argparse
-import errno
 import json
 import math
 import os
-import pathlib
 import re
 import shutil
 import time
@@ -78,53 +76,32 @@ seed = 0                    # seeds data, noise and initial weights
 device = 'auto'             # a torch device ('cpu', 'cuda:1'), or 'auto': cuda, then mps, then cpu
 out_dir = 'out/ddpm_1d'     # figure, config.json and a copy of this script
 
-def get_config(argv=None):
-    """Each lowercase constant from the config banner to the next banner is a --dashed-flag of its
-    type ('a' | 'b' first in its comment: the choices); a dict."""
-    def parse_bool(s):
-        if s.lower() not in ('true', '1', 'false', '0'):
-            raise argparse.ArgumentTypeError(f"expected true/false/1/0, got '{s}'")
-        return s.lower() in ('true', '1')
+def get_config(argv=None):  # the config block as flags ('a' | 'b': choices); a dict
+    def boolean(s):  # another word is a usage error
+        return ['false', '0', 'true', '1'].index(s.lower()) > 1
     block = open(__file__).read().split('# ---- config ----\n')[1].split('\n# ----')[0]
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     for name, note in re.findall(r'^([a-z_][a-z0-9_]*) *=.*?(?:# *(.*))?$', block, re.M):
         default, listed = globals()[name], re.match(r"'[^']*'(?: *\| *'[^']*')+", note)
         ap.add_argument('--' + name.replace('_', '-'), default=default,
                         choices=re.findall(r"'([^']*)'", listed[0]) if listed else None,
-                        type=parse_bool if isinstance(default, bool) else type(default),
+                        type=boolean if isinstance(default, bool) else type(default),
                         help=f'{note} [{default!r}]'.replace('%', '%%'))
     return vars(ap.parse_args(argv))
 
-def check_config(c):
-    """One line naming each impossible setting, instead of a traceback later."""
-    bad = [msg for ok, msg in [
-        *[(math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number, not {v}")
-          for k, v in c.items() if isinstance(v, float)],  # nan passes every comparison below
-        (c['timesteps'] >= 1, f"--timesteps must be >= 1, got {c['timesteps']}"),
-        (0 < c['beta_start'] <= c['beta_end'] < 1,
-         f"need 0 < --beta-start <= --beta-end < 1, got {c['beta_start']} and {c['beta_end']}"),
-        (c['data_std'] > 0 and c['mix_std'] > 0, '--data-std and --mix-std must be > 0'),
-        (0 < c['mix_weight'] < 1, f"--mix-weight must be in (0, 1), got {c['mix_weight']}"),
-        (2 <= c['samples'], f"--samples must be >= 2, got {c['samples']}"),
-        (0 <= c['trajectories'] <= c['samples'], '--trajectories must be in [0, --samples]'),
-        (min(c['train_steps'], c['batch_size'], c['hidden'], c['log_every']) >= 1,
-         '--train-steps, --batch-size, --hidden and --log-every must be >= 1'),
-        (c['lr'] > 0, f"--lr must be > 0, got {c['lr']}"),
-    ] if not ok]
-    if bad:
-        raise SystemExit('ddpm_1d.py: ' + '; '.join(bad))
+def check_config(c):  # settings the math cannot take, each refused with one line
+    for bad, why in [
+        (c['timesteps'] < 1 or not 0 < c['beta_start'] <= c['beta_end'] < 1,
+         'need --timesteps >= 1 and 0 < --beta-start <= --beta-end < 1'),
+        (c['data_std'] <= 0 or c['mix_std'] <= 0, '--data-std and --mix-std must be > 0'),
+        (not 0 < c['mix_weight'] < 1, '--mix-weight must be in (0, 1)'),
+        (c['samples'] < 2, '--samples must be >= 2')]:
+        if bad:
+            raise SystemExit(f'ddpm_1d.py: {why}')
 
-def pick_device(name):
-    """'auto' is cuda, then mps, then cpu; any other name must parse and be present."""
-    mps = torch.backends.mps.is_available()
-    try:
-        dev = torch.device(('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
-                           if name == 'auto' else name)
-    except RuntimeError:
-        raise SystemExit(f"ddpm_1d.py: --device '{name}' is not a torch device") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available() or dev.type == 'mps' and not mps:
-        raise SystemExit(f'ddpm_1d.py: --device {name} is not on this machine; try --device auto')
-    return dev
+def pick_device(name):  # 'auto': cuda, then mps, then cpu
+    mps, cuda = torch.backends.mps.is_available(), torch.cuda.is_available()
+    return torch.device(name if name != 'auto' else 'cuda' if cuda else 'mps' if mps else 'cpu')
 
 
 # ---- schedule ----
@@ -354,26 +331,16 @@ def plot(path, c, true_stats, fwd, runs, w, m, p):
     write_whole(path, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
 
-def write_whole(path, write):
-    """write(tmp), synced to the disk, then renamed over path (tmp, named by this process, keeps
-    path's extension for savefig): a kill or a power cut leaves the file there before. Any
-    failure, Ctrl-C too, removes tmp; a failed write (a full disk) is one line."""
-    tmp, folder = f'.tmp{os.getpid()}'.join(os.path.splitext(path)), os.path.dirname(path) or '.'
+def write_whole(path, write):  # write(tmp), renamed over path: a kill leaves the old file
+    tmp = '.tmp'.join(os.path.splitext(path))  # keeps the extension
     try:
         write(tmp)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
-        return
-    except BaseException as e:
+    except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not isinstance(e, OSError):
-            raise
-        why = 'no space left on device' if e.errno == errno.ENOSPC else e.strerror or str(e)
-    free = shutil.disk_usage(folder).free / 2 ** 20
-    raise SystemExit(f'ddpm_1d.py: could not write {path} ({why}; {free:,.0f} MB free); the file '
-                     'there before is kept')
+        raise SystemExit(f'ddpm_1d.py: could not write {path} ({e.strerror or e}); old file kept'
+                         ) from None
 
 def main(argv=None):
     c = get_config(argv)
@@ -381,13 +348,9 @@ def main(argv=None):
     dev = pick_device(c['device'])
     torch.manual_seed(c['seed'])
     g = torch.Generator().manual_seed(c['seed'])  # sampling is float64 on the CPU; eps_theta on dev
-    try:
-        os.makedirs(c['out_dir'], exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"ddpm_1d.py: cannot make --out-dir {c['out_dir']} ({e.strerror})"
-                         ) from None
-    write_whole(os.path.join(c['out_dir'], 'config.json'),
-                lambda tmp: pathlib.Path(tmp).write_text(json.dumps(c, indent=2)))
+    os.makedirs(c['out_dir'], exist_ok=True)
+    dump = json.dumps(c, indent=2)
+    write_whole(os.path.join(c['out_dir'], 'config.json'), lambda tmp: open(tmp, 'w').write(dump))
     write_whole(os.path.join(c['out_dir'], 'ddpm_1d.py'), lambda tmp: shutil.copy(__file__, tmp))
 
     T, n, n_keep = c['timesteps'], c['samples'], c['trajectories']
