@@ -472,7 +472,7 @@ def setup(c):  # (device, rank, world size), torchrun's process group joined, th
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     gpus, auto = torch.cuda.device_count(), 'mps' if torch.backends.mps.is_available() else 'cpu'
     dev = torch.device(('cuda' if gpus else auto) if c['device'] == 'auto' else c['device'])
-    if dev.type == 'cuda' and dev.index is None:  # a torchrun process takes its LOCAL_RANK's GPU
+    if dev.type == 'cuda' and dev.index is None:  # under torchrun, the LOCAL_RANK's GPU
         dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     c['dtype'] = c['dtype'].replace('auto', 'bfloat16' if native_bf16(dev) else 'float32')
     refuse([(c['resume'] + c['sample_only'] + c['overwrite'] > 1,
@@ -493,7 +493,7 @@ def setup(c):  # (device, rank, world size), torchrun's process group joined, th
     os.makedirs(c['out_dir'], exist_ok=True)
     if rank == 0:
         import fcntl
-        LOCK[:] = [open(os.path.join(c['out_dir'], '.lock'), 'w')]  # closes an earlier main()'s
+        LOCK[:] = [open(os.path.join(c['out_dir'], '.lock'), 'w')]  # closes the last run's
         try:  # held while the process lives, however it ends
             fcntl.flock(LOCK[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -613,9 +613,8 @@ class Boundary:
             self.rows, self.s, self.t = [], step, time.time()
 
 def epoch_steps(ds, c, world):  # DistributedSampler(drop_last) deals len // world a process
-    if not (n := len(ds) // world // (c['batch_size'] // world)):
-        fail(f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
-    return n
+    return len(ds) // world // (c['batch_size'] // world) or fail(
+        f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
 
 def batches(ds, c, dev, rank, world, first, stop, per_epoch):  # rank::world of each batch
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -648,8 +647,8 @@ def load_dataset(c, name, train=True, n=0):  # ((uint8 (C, S, S), label) items, 
     try:
         ds = (MNIST if name == 'mnist' else CIFAR10)(c['data_dir'], train=train, download=True)
     except Exception as e:  # offline, or a damaged file
-        fail(f"{name} under {os.path.abspath(c['data_dir'])} is missing or damaged and the "
-             f'download failed ({type(e).__name__}: {str(e)[:80]}); place its files there (README)')
+        fail(f"{name} under {c['data_dir']} is missing or damaged and the download "
+             f'failed ({type(e).__name__}: {str(e).splitlines()[0][:80]}); place the files there')
     x = torch.as_tensor(ds.data[:n or None])  # MNIST (N, 28, 28), CIFAR-10 (N, 32, 32, 3)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     return torch.utils.data.TensorDataset(x, torch.as_tensor(ds.targets[:n or None])), ds.classes
@@ -686,14 +685,16 @@ def write_samples(c, images, **labels):  # --sample-only: samples.npz, samples.p
     print(f'wrote {len(images)} samples to {path} (uint8 NHWC) and samples.png')
 
 class Uint8Images(torch.utils.data.Subset):  # as torch-fidelity takes them: uint8 (3, H, W)
+    __getitems__ = None  # the DataLoader then reads by __getitem__
+
     def __getitem__(self, i):
-        x = self.dataset[i]  # an image, or an (image, label) item
+        x = self.dataset[i]  # an image, or (image, label)
         return (x if torch.is_tensor(x) else x[0]).expand(3, -1, -1)
 
 def fid_is(c, images, reference, dev):  # FID to the reference dataset, and IS, of uint8 images
     import torch_fidelity
     name = f"{c['dataset']}-{os.path.abspath(c['data_dir'])}-{images.shape[-1]}-{len(reference)}"
-    try:  # the reference's statistics are cached by that name
+    try:  # the reference's statistics are cached by name
         m = torch_fidelity.calculate_metrics(
             input1=Uint8Images(images, range(len(images))), fid=True, isc=True, verbose=False,
             input2=Uint8Images(reference, range(len(reference))), cuda=dev.type == 'cuda',

@@ -176,7 +176,7 @@ class Attention(nn.Module):  # multi-head self-attention over the H x W position
         return x + self.proj(h)
 
 class UNet(nn.Module):
-    """std(t) score: ddpm_mnist.py's U-Net with Gaussian Fourier features of t (Tancik 2020)."""
+    """std(t) score: ddpm_mnist.py's U-Net, Gaussian Fourier features of t (Tancik 2020)."""
     def __init__(self, in_ch=1, size=28, channels=32, mults=(1, 2), res_blocks=2, attn_res=(7,),
                  dropout=0.0, patch=2, fourier_scale=16.0):
         super().__init__()
@@ -213,7 +213,7 @@ class UNet(nn.Module):
     def forward(self, x, t):  # x (B, C, S, S), t (B,) in [0, 1] -> (B, C, S, S)
         a = 2 * math.pi * t.float()[:, None] * self.freqs  # (B, channels / 2)
         emb = self.temb(torch.cat([a.sin(), a.cos()], 1))
-        hs = [self.inp(F.pixel_unshuffle(x, self.patch))]  # (B, channels, S / patch, S / patch)
+        hs = [self.inp(F.pixel_unshuffle(x, self.patch))]  # (B, channels, S / p, S / p)
         for layers in self.down:
             hs.append(run(layers, hs[-1], emb))
         h = run(self.mid, hs[-1], emb)
@@ -382,7 +382,7 @@ def train(c, dev, rank, world):
     boundary = Boundary(c, step, stop, 0, opt, rank, world)
     with boundary, closing(batches(ds, c, dev, rank, world, step, stop, per_epoch)) as data:
         for x, _ in data:
-            # noise draw: t and z for the global batch; this rank's rows
+            # noise draw: t, z for the global batch; this rank's rows
             g.manual_seed((c['seed'] * 1_000_003 + step) * 1024)
             t = (c['eps'] + (1 - c['eps']) * torch.rand(B, generator=g, device=dev))[rank::world]
             z = torch.randn((B, *shape), generator=g, device=dev)[rank::world]
@@ -440,7 +440,7 @@ def evaluate(c, model, dev):
               + (judge(x)['line'] if judge else ''), flush=True)
         save_grid(x[:100], os.path.join(c['out_dir'], f'samples_{method}.png'))
     if c['likelihood_images']:
-        train = c['dataset'] == 'folder'  # no test set
+        train = c['dataset'] == 'folder'
         test = load_dataset(c, c['dataset'], train=train, n=c['likelihood_images'])[0]
         images, t0 = torch.stack([test[i][0] for i in range(len(test))]).to(dev), time.time()
         g = torch.Generator(dev).manual_seed(c['seed'] + 2)
@@ -514,7 +514,7 @@ def setup(c):  # (device, rank, world size), torchrun's process group joined, th
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     gpus, auto = torch.cuda.device_count(), 'mps' if torch.backends.mps.is_available() else 'cpu'
     dev = torch.device(('cuda' if gpus else auto) if c['device'] == 'auto' else c['device'])
-    if dev.type == 'cuda' and dev.index is None:  # a torchrun process takes its LOCAL_RANK's GPU
+    if dev.type == 'cuda' and dev.index is None:  # under torchrun, the LOCAL_RANK's GPU
         dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     c['dtype'] = c['dtype'].replace('auto', 'bfloat16' if native_bf16(dev) else 'float32')
     refuse([(c['resume'] + c['sample_only'] + c['overwrite'] > 1,
@@ -535,7 +535,7 @@ def setup(c):  # (device, rank, world size), torchrun's process group joined, th
     os.makedirs(c['out_dir'], exist_ok=True)
     if rank == 0:
         import fcntl
-        LOCK[:] = [open(os.path.join(c['out_dir'], '.lock'), 'w')]  # closes an earlier main()'s
+        LOCK[:] = [open(os.path.join(c['out_dir'], '.lock'), 'w')]  # closes the last run's
         try:  # held while the process lives, however it ends
             fcntl.flock(LOCK[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -655,9 +655,8 @@ class Boundary:
             self.rows, self.s, self.t = [], step, time.time()
 
 def epoch_steps(ds, c, world):  # DistributedSampler(drop_last) deals len // world a process
-    if not (n := len(ds) // world // (c['batch_size'] // world)):
-        fail(f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
-    return n
+    return len(ds) // world // (c['batch_size'] // world) or fail(
+        f"{len(ds)} training examples make no batch of {c['batch_size']}; lower --batch-size")
 
 def batches(ds, c, dev, rank, world, first, stop, per_epoch):  # rank::world of each batch
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -690,8 +689,8 @@ def load_dataset(c, name, train=True, n=0):  # ((uint8 (C, S, S), label) items, 
     try:
         ds = (MNIST if name == 'mnist' else CIFAR10)(c['data_dir'], train=train, download=True)
     except Exception as e:  # offline, or a damaged file
-        fail(f"{name} under {os.path.abspath(c['data_dir'])} is missing or damaged and the "
-             f'download failed ({type(e).__name__}: {str(e)[:80]}); place its files there (README)')
+        fail(f"{name} under {c['data_dir']} is missing or damaged and the download "
+             f'failed ({type(e).__name__}: {str(e).splitlines()[0][:80]}); place the files there')
     x = torch.as_tensor(ds.data[:n or None])  # MNIST (N, 28, 28), CIFAR-10 (N, 32, 32, 3)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     return torch.utils.data.TensorDataset(x, torch.as_tensor(ds.targets[:n or None])), ds.classes
@@ -728,14 +727,16 @@ def write_samples(c, images, **labels):  # --sample-only: samples.npz, samples.p
     print(f'wrote {len(images)} samples to {path} (uint8 NHWC) and samples.png')
 
 class Uint8Images(torch.utils.data.Subset):  # as torch-fidelity takes them: uint8 (3, H, W)
+    __getitems__ = None  # the DataLoader then reads by __getitem__
+
     def __getitem__(self, i):
-        x = self.dataset[i]  # an image, or an (image, label) item
+        x = self.dataset[i]  # an image, or (image, label)
         return (x if torch.is_tensor(x) else x[0]).expand(3, -1, -1)
 
 def fid_is(c, images, reference, dev):  # FID to the reference dataset, and IS, of uint8 images
     import torch_fidelity
     name = f"{c['dataset']}-{os.path.abspath(c['data_dir'])}-{images.shape[-1]}-{len(reference)}"
-    try:  # the reference's statistics are cached by that name
+    try:  # the reference's statistics are cached by name
         m = torch_fidelity.calculate_metrics(
             input1=Uint8Images(images, range(len(images))), fid=True, isc=True, verbose=False,
             input2=Uint8Images(reference, range(len(reference))), cuda=dev.type == 'cuda',

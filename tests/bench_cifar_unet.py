@@ -107,7 +107,7 @@ def main():
     ap.add_argument('--dataset', default='shapes', help="the script's --dataset (shapes: generated, needs no files)")
     ap.add_argument('--data-dir', default='./data')
     a = ap.parse_args()
-    dev = ddpm_cifar.pick_device(a.device)
+    dev = torch.device(a.device)
     torch.backends.cudnn.benchmark = dev.type == 'cuda'
     dtype = a.dtype if a.dtype != 'auto' else 'bfloat16' if dev.type == 'cuda' else 'float32'
     argv = ['--preset', a.preset, '--batch-size', str(a.batch_size), '--dtype', dtype, '--max-steps', str(a.loop_steps),

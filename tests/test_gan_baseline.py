@@ -12,12 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 from closed_form import (
-    bomb_png,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
-    check_stops_are_true,
     check_the_average_keeps_no_graph,
     check_truncated_mnist_is_named,
     check_unknown_flag,
@@ -236,30 +234,23 @@ def test_wgan_gp_under_compile(tmp_path, capsys):
     assert line and all(math.isfinite(float(v)) for v in line.groups()) and ckpt_step(tmp_path / 'ckpt.pt') == 8
 
 
-@pytest.mark.parametrize('lr, ends', [(2e-4, 'step 8/8'), (1e30, "float16 overflows in every step (the GradScaler's")])
-def test_float16_overflows_are_skipped_steps_and_divergence_still_stops(data, tmp_path, lr, ends, capsys):
-    """float16: the GradScaler starts at 2^16, so the penalty's input gradient overflows in the first steps; those are
-    steps the scaler skips (weights untouched, scale halved), counted in the log line, not a divergence (on a GPU the
-    run stopped: 'a loss is nan in steps 1-3'). A diverged run skips every step, its scale falls under 2^-8 (24 skips)
-    and it stops. CPU autocast has float16, so train() is called past main's CUDA-only check."""
-    c = gb.get_config(flags(data, tmp_path, '--loss', 'wgan-gp', '--max-steps', '40' if lr > 1 else '8', '--epochs', '5',
-                                '--log-every', '8', '--lr', str(lr)))
+def test_float16_skipped_steps_are_the_scalers_not_a_divergence(data, tmp_path, capsys):
+    """float16: the GradScaler starts at 2^16, so the penalty's input gradient overflows in the first steps; the
+    scaler skips those (weights untouched, scale halved), and the boundary, which checks only the weights under
+    float16, goes on (on a GPU the run had stopped: 'a loss is nan in steps 1-3'). CPU autocast has float16, so
+    train() is called past main's CUDA-only check."""
+    c = gb.get_config(flags(data, tmp_path, '--loss', 'wgan-gp', '--max-steps', '8', '--epochs', '5', '--log-every', '8'))
     c['dtype'] = 'float16'
-    try:
-        gb.train(c, torch.device('cpu'), 0, 1)
-    except SystemExit as e:
-        print(e)
-    out = capsys.readouterr().out
-    assert ends in out and 'steps skipped by the float16 GradScaler' in out, out
-    if lr < 1:
-        ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-        assert ckpt['step'] == 8 and ckpt['scaler_d'] and all(w.isfinite().all() for w in ckpt['G'].values())
+    gb.train(c, torch.device('cpu'), 0, 1)
+    assert 'step 8/8' in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['scaler_d']['scale'] < 2 ** 16 and all(w.isfinite().all() for w in ckpt['G'].values())
 
 
 def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, capsys, monkeypatch):
     """An RGB folder at 16 pixels, bf16 autocast through the gradient penalty's double backward, spectral norm,
     DiffAugment; FID and IS through torch-fidelity with a stand-in for its Inception network (not on these
-    machines). An image over PIL's pixel limit in the folder stops a run with one line naming it."""
+    machines)."""
     from PIL import Image
     os.makedirs(tmp_path / 'imgs' / 'sub')
     rng = np.random.default_rng(0)
@@ -279,21 +270,10 @@ def test_folder_bfloat16_wgan_gp_with_augmentation_and_a_stand_in_fid(tmp_path, 
              str(tmp_path / 'nofid'), '--channels', '8', '--batch-size', '8', '--epochs', '1', '--device', 'cpu', '--workers', '1'])
     assert 'step 5/5' in capsys.readouterr().out and (tmp_path / 'nofid' / 'samples.png').exists()  # was a traceback
     assert not (tmp_path / 'nofid' / 'fid.png').exists()  # nothing was measured, so no curve
-    bomb_png(tmp_path / 'imgs' / '0.png')  # over PIL's pixel limit: one line naming it (it was a traceback)
-    with pytest.raises(SystemExit) as e:
-        gb.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--out-dir',
-                 str(tmp_path / 'nofid'), '--overwrite', 'true', '--channels', '8', '--batch-size', '8', '--epochs', '1',
-                 '--device', 'cpu', '--workers', '1'])
-    assert f"{tmp_path / 'imgs' / '0.png'} cannot be decoded (DecompressionBombError" in str(e.value), str(e.value)
-    assert '\n' not in str(e.value)
 
 
 def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(gb.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '16'], monkeypatch, capsys)
-
-
-def test_stops_are_true(data, tmp_path, monkeypatch):
-    check_stops_are_true(gb.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
 
 
 def test_fid_without_torch_fidelity_fails_before_training(data, tmp_path, monkeypatch):
@@ -327,12 +307,12 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
 @pytest.mark.parametrize('extra, says', [
     (['--image-size', '28'], 'mnist runs at 32 pixels'),
     (['--dataset', 'folder', '--image-size', '48'], '4 * 2^k pixels'),
-    (['--saturating', 'true', '--loss', 'hinge'], 'use --loss bce'),
+    (['--saturating', 'true', '--loss', 'hinge'], 'a form of bce'),
     (['--augment', 'flip'], 'translation, color and cutout'),
-    (['--dataset', 'grid25', '--augment', 'color'], 'not the 2D toy'),
-    (['--dataset', 'grid25', '--fid', '100'], 'count modes instead'),
+    (['--dataset', 'grid25', '--augment', 'color'], 'for images, not points'),
+    (['--dataset', 'grid25', '--fid', '100'], 'for images, not points'),
     (['--dtype', 'float16'], 'needs CUDA'),
-    (['--resume', 'true'], 'no checkpoint'),
+    (['--resume', 'true'], 'no readable checkpoint'),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
     with pytest.raises(SystemExit) as e:
@@ -341,7 +321,7 @@ def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
 
 
 def test_missing_data_wrong_checkpoints_and_nan_loss(data, tmp_path, monkeypatch):
-    for dataset, says in (('mnist', 'no MNIST under'), ('folder', 'no images')):  # (cifar10 would download 170 MB online)
+    for dataset, says in (('mnist', 'missing or damaged'), ('folder', 'no images')):  # (cifar10 would download 170 MB online)
         with pytest.raises(SystemExit) as e:
             gb.load_dataset(gb.get_config(['--dataset', dataset, '--data-dir', str(tmp_path / 'empty')]), dataset)
         assert says in str(e.value) and str(tmp_path / 'empty') in str(e.value) and '\n' not in str(e.value)
@@ -353,23 +333,13 @@ def test_missing_data_wrong_checkpoints_and_nan_loss(data, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         gb.main(flags(data, tmp_path, '--resume', 'true', '--epochs', '3'))
     msg = str(e.value)  # found at the next log
-    assert msg.startswith('gan_baseline.py: d is nan') and 'in steps 9-12' in msg and 'is kept' in msg, msg
+    assert msg.startswith('gan_baseline.py: d is nan') and 'in steps 9-12' in msg and 'holds step 8' in msg, msg
     assert ckpt_step(tmp_path / 'ckpt.pt') == 8  # the first run's, untouched
     check_foreign_and_broken_checkpoints(gb.main, flags(data, tmp_path, '--sample-only', 'true'), 'gan_baseline.py')
 
 
 def test_unknown_flag_is_one_usage_error(capsys):
     check_unknown_flag(gb.get_config, capsys)
-
-
-def test_wrong_classifier_file_is_one_line(data, tmp_path):
-    """--classifier pointing at junk or at another network's weights stops with one line, not a traceback."""
-    (tmp_path / 'junk.pt').write_bytes(b'not weights')
-    torch.save({'G': {}, 'script': 'gan_baseline.py'}, tmp_path / 'ckpt.pt')
-    for name in ('junk.pt', 'ckpt.pt'):
-        with pytest.raises(SystemExit) as e:
-            gb.Judge(gb.get_config(['--data-dir', data, '--classifier', str(tmp_path / name)]), torch.device('cpu'), 20)
-        assert "is not the MNIST judge's weights" in str(e.value) and '\n' not in str(e.value)
 
 
 def test_a_truncated_mnist_file_is_named(tmp_path):

@@ -74,7 +74,7 @@ def test_more_torchrun_processes_than_gpus_stop_with_one_line(data, tmp_path):
     n = torch.cuda.device_count()
     r = torchrun(n + 1, 'ddpm_mnist', RUNS['ddpm_mnist'] + COMMON + ['--data-dir', data, '--out-dir', str(tmp_path)],
                  29549)
-    assert r.returncode != 0 and f'use --nproc_per_node={n}' in r.stderr, r.stderr[-3000:]
+    assert r.returncode != 0 and f'no cuda:{n}: {n} GPU(s) here' in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / 'ckpt.pt').exists()
 
 

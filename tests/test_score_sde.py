@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 from closed_form import (
-    bomb_png,
     check_foreign_and_broken_checkpoints,
     check_nothing_is_lost,
     check_resume_after_a_stop_is_exact,
     check_stop_signal_saves,
-    check_stops_are_true,
     check_the_average_keeps_no_graph,
     check_torchrun_matches_one_process,
     check_truncated_mnist_is_named,
@@ -245,10 +243,6 @@ def test_nothing_is_lost(data, tmp_path, monkeypatch, capsys):
     check_nothing_is_lost(s.main, flags(data, tmp_path, '--max-steps', '4'), ['--channels', '32'], monkeypatch, capsys)
 
 
-def test_stops_are_true(data, tmp_path, monkeypatch):
-    check_stops_are_true(s.main, flags(data, tmp_path, '--max-steps', '4'), 'figures', monkeypatch)
-
-
 def test_the_average_keeps_no_graph(data, tmp_path):
     check_the_average_keeps_no_graph(s, flags(data, tmp_path, '--max-steps', '3'))
 
@@ -272,7 +266,7 @@ def test_train_resume_sample_only_eval(data, tmp_path, capsys):
     images = np.load(tmp_path / 'a' / 'samples.npz')['images']
     assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
     for line in ('em 5 steps | NFE 5 |', 'em 10 steps | NFE 10 |', 'pc 5 steps | NFE 10 |', 'ode rk45 tol 0.01 | NFE',
-                 '20 training images | confident', 'classifier trained'):
+                 '20 training images | confident', 'eval | judge'):
         assert line in out, line
     bpd = float(out.split('bits/dim on 4 test images ')[1].split()[0])
     assert 0 < bpd < 30
@@ -288,8 +282,7 @@ def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data, tmp_pa
 
 
 def test_vp_folder_bfloat16_run(tmp_path, capsys):
-    """An image folder (RGB, nested, resized to 16) with the VP SDE and bf16 autocast: data in [-1, 1]. An image
-    over PIL's pixel limit in it stops the run with one line naming it."""
+    """An image folder (RGB, nested, resized to 16) with the VP SDE and bf16 autocast: data in [-1, 1]."""
     from PIL import Image
     os.makedirs(tmp_path / 'imgs' / 'sub')
     rng = np.random.default_rng(0)
@@ -301,13 +294,6 @@ def test_vp_folder_bfloat16_run(tmp_path, capsys):
             '--n-samples', '4', '--steps', '3', '--sampler', 'em', '--device', 'cpu', '--workers', '1'])
     out = capsys.readouterr().out
     assert '40 folder images (3, 16, 16) in [-1, 1] | vp SDE' in out and 'bfloat16' in out and 'step 5/5' in out
-    bomb_png(tmp_path / 'imgs' / '0.png')  # over PIL's pixel limit: one line naming it (it was a traceback)
-    with pytest.raises(SystemExit) as e:
-        s.main(['--dataset', 'folder', '--data-dir', str(tmp_path / 'imgs'), '--image-size', '16', '--out-dir',
-                str(tmp_path / 'run'), '--overwrite', 'true', '--channels', '16', '--batch-size', '8', '--epochs', '1',
-                '--device', 'cpu', '--workers', '1'])
-    assert f"{tmp_path / 'imgs' / '0.png'} cannot be decoded (DecompressionBombError" in str(e.value), str(e.value)
-    assert '\n' not in str(e.value)
 
 
 def test_torchrun_two_processes_train_the_same_model_as_one(data, tmp_path):
@@ -319,9 +305,9 @@ def test_torchrun_two_processes_train_the_same_model_as_one(data, tmp_path):
     (['--image-size', '32'], 'mnist images are 28 pixels'),
     (['--dataset', 'folder', '--image-size', '30'], 'must halve'),
     (['--sigma', '0.5'], '--sigma must exceed 1'),
-    (['--eps', '0.01'], '--eps <= --sample-eps'),
+    (['--eval-samplers', 'em,rk4'], '--eval-samplers'),
     (['--dtype', 'float16'], 'needs CUDA'),
-    (['--resume', 'true'], 'no checkpoint'),
+    (['--resume', 'true'], 'no readable checkpoint'),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
     with pytest.raises(SystemExit) as e:
@@ -330,7 +316,7 @@ def test_bad_flags_exit_with_one_line(tmp_path, extra, says):
 
 
 def test_missing_or_bad_data_wrong_checkpoints_and_nan_loss(data, tmp_path):
-    for dataset, says in (('mnist', 'no MNIST under'), ('folder', 'no images')):  # (cifar10 would download 170 MB online)
+    for dataset, says in (('mnist', 'missing or damaged'), ('folder', 'no images')):  # (cifar10 would download 170 MB online)
         with pytest.raises(SystemExit) as e:
             s.load_dataset(s.get_config(['--dataset', dataset, '--data-dir', str(tmp_path / 'empty')]), dataset)
         assert says in str(e.value) and str(tmp_path / 'empty') in str(e.value) and '\n' not in str(e.value)
@@ -340,7 +326,7 @@ def test_missing_or_bad_data_wrong_checkpoints_and_nan_loss(data, tmp_path):
     assert "sde 've' (flag 'vp')" in str(e.value)
     with pytest.raises(SystemExit) as e:
         s.main(flags(data, tmp_path, '--resume', 'true', '--epochs', '3', '--lr', '1e30', '--warmup', '0', '--grad-clip', '0'))
-    assert 'loss is' in str(e.value) and 'is kept' in str(e.value)
+    assert 'loss is' in str(e.value) and 'holds step 8' in str(e.value)
     assert ckpt_step(tmp_path / 'ckpt.pt') == 8  # the first run's, untouched
     check_foreign_and_broken_checkpoints(s.main, flags(data, tmp_path, '--sample-only', 'true'), 'score_sde.py')
 
