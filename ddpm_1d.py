@@ -38,7 +38,7 @@ responsibilities r_k(x_t) proportional to w_k N(x_t; m_{t,k}, s_{t,k}^2). The sa
 eps*(x_t) = E[eps | x_t] = sum_k r_k(x_t) sqrt(1 - abar_t) (x_t - m_{t,k}) / s_{t,k}^2.
 
 Run (writes out/ddpm_1d/ddpm_1d.png, config.json and a copy of this file):
-    python ddpm_1d.py                     # 10^6 samples a process: 46 s on 2 CPU cores (median, 3)
+    python ddpm_1d.py                     # 10^6 samples a process: 28 s on 2 CPU cores
     python ddpm_1d.py --data mixture      # learned vs exact on a bimodal target
     python ddpm_1d.py --reverse exact     # one reverse process only
 """

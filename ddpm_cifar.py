@@ -10,7 +10,7 @@ by torch-fidelity (at 50k samples DDPM reports 3.17 unconditional, EDM 1.79).
 
     python ddpm_cifar.py --epochs 600 --cfg 3.0                        # one GPU
     torchrun --nproc_per_node=8 ddpm_cifar.py --epochs 600 --cfg 3.0   # --batch-size is global
-    python ddpm_cifar.py --preset tiny --dataset shapes --image-size 16   # CPU: minutes (README)
+    python ddpm_cifar.py --preset tiny --dataset shapes --image-size 16   # CPU: under a minute
     python ddpm_cifar.py --sample-only true --n-samples 50000 --fid 50000   # samples.npz, FID
 """
 import argparse
