@@ -7,10 +7,9 @@ non-saturating -log sigmoid(f), or --saturating true), 'wgan-gp' (Gulrajani et a
 1: f - r + lambda (|grad D(x_hat)| - 1)^2, 5 critic steps a G step, Adam (0.5, 0.9)), 'hinge' (Lim &
 Ye 2017). DCGAN networks (Radford et al. 2016), --spectral-norm (Miyato et al. 2018), --augment:
 DiffAugment (Zhao et al. 2020). Toy mode (ring8, grid25): a mode is covered when 20% of its share
-of 2,500 samples lies within 3 std (PacGAN). Evals every --fid-every epochs: modes, the MNIST judge
-(below), FID and IS with --fid N.
+of 2,500 samples lies within 3 std (PacGAN). Evals: modes, the MNIST judge (below), FID and IS.
 
-    python gan_baseline.py --dataset grid25 --loss wgan-gp         # 25/25 modes, CPU: minutes
+    python gan_baseline.py --dataset grid25 --loss wgan-gp         # 25/25 modes, CPU: 2 min
     python gan_baseline.py                                         # DCGAN digits (MNIST)
     torchrun --nproc_per_node=2 gan_baseline.py --dataset cifar10 --loss hinge --fid 10000
 """
