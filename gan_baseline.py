@@ -9,7 +9,7 @@ Ye 2017). DCGAN networks (Radford et al. 2016), --spectral-norm (Miyato et al. 2
 DiffAugment (Zhao et al. 2020). Toy mode (ring8, grid25): a mode is covered when 20% of its share
 of 2,500 samples lies within 3 std (PacGAN). Evals: modes, the MNIST judge (below), FID and IS.
 
-    python gan_baseline.py --dataset grid25 --loss wgan-gp         # 25/25 modes, CPU: 2 min
+    python gan_baseline.py --dataset grid25 --loss wgan-gp --out-dir out/grid25   # 25/25 modes
     python gan_baseline.py                                         # DCGAN digits (MNIST)
     torchrun --nproc_per_node=2 gan_baseline.py --dataset cifar10 --loss hinge --fid 10000
 """
